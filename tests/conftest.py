@@ -1,0 +1,61 @@
+"""Shared test set-up.
+
+JAX reads its flags when it first initialises, so everything here runs before any test module
+imports JAX. The default test process sees ONE CPU device (8 simulated devices make unsharded work
+about 1.8x slower on 2 cores); tests that need several devices run code in a subprocess through
+`run_with_devices`.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+
+
+def import_open_clip():
+  """Imports open_clip beside CPU torch.
+
+  The index's torchvision is a CUDA build whose import fails next to CPU torch
+  (`operator torchvision::nms does not exist`); declaring the two operator schemas first makes it
+  import. CLIP never calls them.
+  """
+  import torch
+  if not getattr(import_open_clip, "_patched", False):
+    try:
+      lib = torch.library.Library("torchvision", "DEF")
+      lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+      lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+      import_open_clip._lib = lib  # keep the registration alive
+    except RuntimeError:
+      pass  # already defined (torchvision imported cleanly or another caller did this)
+    import_open_clip._patched = True
+  import open_clip
+  return open_clip
+
+
+def run_with_devices(code: str, n_devices: int = 8, timeout: int = 600, env=None) -> str:
+  """Runs `code` in a fresh Python with `n_devices` simulated CPU devices; returns its stdout.
+
+  Fails the calling test with the child's stderr if the child exits non-zero.
+  """
+  child_env = dict(os.environ)
+  child_env["XLA_FLAGS"] = (child_env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={n_devices}")
+  child_env["JAX_PLATFORMS"] = "cpu"
+  child_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + child_env.get("PYTHONPATH", "")
+  if env:
+    child_env.update(env)
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, timeout=timeout, env=child_env, cwd=REPO_ROOT)
+  if proc.returncode != 0:
+    pytest.fail(f"subprocess failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                f"{proc.stderr[-8000:]}")
+  return proc.stdout
