@@ -5,7 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m venv .venv
-.venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -r requirements.txt
 .venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
 echo "Installed into .venv ($(du -sh .venv | cut -f1)). Run the tests with: .venv/bin/python -m pytest"
