@@ -1,0 +1,184 @@
+"""Device mesh, partitioning rules and sharded initialisation.
+
+This is the one module that owns the JAX sharding API (so an upgrade is one edit):
+
+- `make_mesh(config)`: one mesh with the named axes `data` and `fsdp`, sized by config; a size of -1
+  absorbs every device the other axes leave.
+- A rule table: an ordered list of `(regex, rule)` pairs matched (`re.search`) against a leaf's
+  path (`params/clip/visual/conv1/kernel`, `opt_state/0/mu/clip/visual/conv1/kernel`, ...). The
+  first match wins. A rule is `"fsdp"` (shard the largest dimension divisible by the `fsdp` axis),
+  `"replicate"`, or a tuple of mesh-axis names / None (an explicit PartitionSpec). Leaves smaller than
+  `min_fsdp_size` elements are replicated whatever the rule says: sharding a LayerNorm scale costs a
+  collective and saves nothing.
+- `create_sharded(init_fn, mesh, rules)`: `jax.eval_shape` gives shapes, the rules give shardings and
+  `jax.jit(init_fn, out_shardings=...)` creates every array already in place, so a model that does not
+  fit one device is never materialised whole.
+
+Batches are sharded over both mesh axes on their leading dimension (FSDP devices also split the
+batch); `batch_sharding` gives that sharding and `data_parallel_size` the number of shards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+# Batch dimension is split over every mesh axis: FSDP shards are also data-parallel shards.
+BATCH_AXES = MESH_AXES
+
+Rule = Union[str, tuple]
+Rules = Sequence[tuple[str, Rule]]
+
+# Default table: everything FSDP-sharded where it pays, small leaves replicated by size.
+DEFAULT_RULES: tuple[tuple[str, Rule], ...] = (
+    (r".*", "fsdp"),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
+  """Resolves the mesh sizes for `MESH_AXES` from a `{axis: size}` mapping (one size may be -1).
+
+  Raises ValueError naming the axis when sizes do not multiply to `n_devices`.
+  """
+  unknown = set(mesh_config) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; known axes: {MESH_AXES}")
+  sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: fixed axes ({known} devices) do not "
+                       f"divide the {n_devices} available devices")
+    sizes[sizes.index(-1)] = n_devices // known
+  if int(np.prod(sizes)) != n_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"but {n_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ('data', 'fsdp') mesh over `devices` (default: all devices of all processes).
+
+  `jax.make_mesh` orders devices so that the innermost axis (fsdp) stays within fast links
+  (same host / ICI ring) when it can. Axes are `Auto`: the compiler inserts the collectives, so the
+  model and loss are written on global arrays.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                       devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Number of shards the batch's leading dimension is split into."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Sharding of a batch array: leading dimension over ('data', 'fsdp'), the rest replicated."""
+  del ndim  # trailing dimensions are implicitly replicated
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated sharding on `mesh`."""
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """Raises ValueError unless the global batch divides evenly over the data-parallel shards."""
+  n = data_parallel_size(mesh)
+  if batch_size % n:
+    raise ValueError(
+        f"config.batch_size={batch_size} is not divisible by the {n} data-parallel shards of the mesh "
+        f"{dict(mesh.shape)}; choose a multiple of {n} (the global batch is split evenly so 1, 8 or 256 "
+        "devices train the same objective)")
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'a/b/0/c' from a jax key path, dropping NNX's trailing '/value'."""
+  s = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+  return s[:-len("/value")] if s.endswith("/value") else s
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, axis: str = "fsdp") -> P:
+  """PartitionSpec sharding the largest dimension of `shape` divisible by `fsdp_size` over `axis`.
+
+  Ties go to the later dimension (usually the output features); no divisible dimension → replicated.
+  """
+  if fsdp_size <= 1 or not shape:
+    return P()
+  best = None
+  for i, d in enumerate(shape):
+    if d % fsdp_size == 0 and (best is None or d >= shape[best]):
+      best = i
+  if best is None:
+    return P()
+  spec = [None] * len(shape)
+  spec[best] = axis
+  return P(*spec)
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules,
+             min_fsdp_size: int = 2 ** 14) -> P:
+  """The PartitionSpec for one leaf: the first rule whose regex matches `path` decides."""
+  for pattern, rule in rules:
+    if re.search(pattern, path):
+      break
+  else:
+    rule = "replicate"
+  if rule == "replicate" or int(np.prod(shape, dtype=np.int64)) < min_fsdp_size:
+    return P()
+  if rule == "fsdp":
+    return fsdp_spec(shape, mesh.shape.get("fsdp", 1))
+  if isinstance(rule, (tuple, list)):
+    if len(rule) > len(shape):
+      raise ValueError(f"sharding rule {pattern!r} -> {rule} has more entries than {path} has "
+                       f"dimensions {tuple(shape)}")
+    for dim, ax in zip(shape, rule):
+      if ax is not None and dim % mesh.shape[ax]:
+        raise ValueError(f"sharding rule {pattern!r} -> {rule}: {path} dimension {dim} is not "
+                         f"divisible by mesh axis {ax!r} of size {mesh.shape[ax]}")
+    return P(*rule)
+  raise ValueError(f"unknown sharding rule {rule!r} for pattern {pattern!r}; use 'fsdp', 'replicate' "
+                   "or a tuple of mesh axes")
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                   min_fsdp_size: int = 2 ** 14) -> Any:
+  """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs) by the rule table."""
+  def one(path, leaf):
+    shape = getattr(leaf, "shape", ())
+    return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, rules, min_fsdp_size))
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+def create_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                   min_fsdp_size: int = 2 ** 14) -> tuple[Any, Any]:
+  """Runs `init_fn()` (a pure function returning a pytree of arrays) with every output already sharded.
+
+  Returns `(tree, shardings)`. The tree never exists unsharded: shapes come from `jax.eval_shape`
+  and `jax.jit(..., out_shardings=...)` writes each shard on its own device.
+  """
+  abstract = jax.eval_shape(init_fn)
+  shardings = tree_shardings(abstract, mesh, rules, min_fsdp_size)
+  return jax.jit(init_fn, out_shardings=shardings)(), shardings
+
+
+def describe(tree: Any) -> str:
+  """One line per leaf: path, shape, PartitionSpec; for logging what the rules chose."""
+  lines = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    lines.append(f"{path_str(path):70s} {str(tuple(leaf.shape)):20s} {spec}")
+  return "\n".join(lines)
