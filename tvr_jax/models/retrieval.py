@@ -1,0 +1,242 @@
+"""The retrieval model: CLIP towers + temporal header + DMAE head + TPM-CL predictors (SPEC §1-§6).
+
+    ids [B, L]            -> encode_text  -> (sentence [B, D], words [B, L, D], text mask [B, L])
+    frames [B, F, H, W, 3] -> encode_video -> (visual tokens [B, F, D] after the header, mask [B, F])
+    similarity(text, video) -> S [Bt, Bv]     (the same S at train and test time)
+    loss(batch) -> (NegNCE or InfoNCE + tpm_weight * L_TPM, {term: value})
+
+All features handed to the head are float32 and L2-normalised: the release normalises the text
+features and the per-frame features, then applies the temporal header and does not normalise its
+output (`renormalize_after_header` is CLIP4Clip's behaviour). The TPM-CL "full" video side uses the
+tokens before the header and the masked side goes through the header (golden README §9.9).
+"""
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from tvr_jax import losses
+from tvr_jax.models import dmae, tpmcl
+from tvr_jax.models.clip import CLIP, CLIPConfig, load_clip
+from tvr_jax.models.temporal import TemporalHeader
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CONTRASTIVE_LOSSES = ("negnce", "infonce")
+
+
+def normalize_frames(frames: jax.Array) -> jax.Array:
+  """uint8 RGB frames [..., 3] in 0..255 -> float32 CLIP-normalised ((x/255 - mean) / std).
+
+  Meant to run on device inside the jitted step, so batches travel as uint8.
+  """
+  if frames.shape[-1] != 3:
+    raise ValueError(f"expected RGB frames [..., 3], got shape {frames.shape}")
+  x = frames.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+  """What the retrieval head computes; defaults are the paper's full model (SPEC §2-§6).
+
+  Attributes:
+    header: temporal header, "meanP" (default) or "seqTransf".
+    header_layers: seqTransf blocks (copied from CLIP text blocks 0..n-1).
+    renormalize_after_header: CLIP4Clip's re-normalisation after the header (release: off).
+    textual_attention: sentence + word branches ("att_ti"); off = sentence branch only.
+    visual_attention: frame-to-frame term in the text-to-video maxima ("nfc").
+    keyword_weighting: text mask 2 on keywords; needs `keyword_mask` in the batch. Off by default:
+      no offline English POS tagger ships with the environment, so keywords are not found here.
+    token_weights: learned "wti" token weights (DRL style) instead of uniform averages.
+    contrastive_loss: "negnce" (default) or "infonce" (both with fixed scale 100).
+    partial_type: TPM-CL terms, 4 = T1+T2+T3, 2 = T1+T2, 3 = T3, 0 = off.
+    tau: adaptive masking threshold; delta: triplet margin; tpm_weight: weight of L_TPM.
+    max_words: L, tokens per text (with start/end); max_frames: F, frames per video. The TPM-CL
+      predictors' shapes depend on both.
+    train_t2v_predictor: NOT the release: let the sentence-to-video predictor train
+      (straight-through gradient through its masking); the faithful default leaves it untrained.
+  """
+  header: str = "meanP"
+  header_layers: int = 4
+  renormalize_after_header: bool = False
+  textual_attention: bool = True
+  visual_attention: bool = True
+  keyword_weighting: bool = False
+  token_weights: bool = False
+  contrastive_loss: str = "negnce"
+  partial_type: int = 4
+  tau: float = tpmcl.TAU
+  delta: float = tpmcl.DELTA
+  tpm_weight: float = 1.0
+  max_words: int = 32
+  max_frames: int = 12
+  train_t2v_predictor: bool = False
+
+  def __post_init__(self):
+    if self.contrastive_loss not in CONTRASTIVE_LOSSES:
+      raise ValueError(f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}, got "
+                       f"{self.contrastive_loss!r}")
+    if self.partial_type not in tpmcl.PARTIAL_TERMS:
+      raise ValueError(f"partial_type must be one of {sorted(tpmcl.PARTIAL_TERMS)}, got "
+                       f"{self.partial_type}")
+    if self.max_words < 2 or self.max_frames < 1:
+      raise ValueError(f"max_words must be >= 2 and max_frames >= 1, got {self.max_words}, "
+                       f"{self.max_frames}")
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "RetrievalConfig":
+    """Builds a config from a dict or ConfigDict; unknown keys are an error naming them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown RetrievalConfig field(s): {sorted(unknown)}")
+    return cls(**dict(d))
+
+
+TextFeatures = Tuple[jax.Array, jax.Array, jax.Array]
+VideoFeatures = Tuple[jax.Array, jax.Array]
+
+
+class RetrievalModel(nnx.Module):
+  """CLIP + temporal header + DMAE similarity + TPM-CL, one nnx.Module."""
+
+  def __init__(self, config: RetrievalConfig, clip: Optional[CLIP] = None,
+               clip_config: Optional[CLIPConfig] = None, *, rngs: Optional[nnx.Rngs] = None):
+    """Builds the model around a given CLIP (e.g. `load_clip(dir)`) or a fresh one from clip_config.
+
+    New modules: seqTransf copies CLIP's text position table and text blocks; the TPM-CL
+    predictors and wti weights take torch's default initialisation.
+    """
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    if clip is None:
+      if clip_config is None:
+        raise ValueError("RetrievalModel needs either a CLIP or a CLIPConfig")
+      clip = CLIP(clip_config, rngs=rngs)
+    c = clip.config
+    if config.max_words > c.context_length:
+      raise ValueError(f"max_words {config.max_words} exceeds CLIP's context length "
+                       f"{c.context_length}")
+    self.config = config
+    self.clip = clip
+    dim = c.embed_dim
+    self.header = TemporalHeader(config.header, dim, heads=c.text_heads,
+                                 layers=config.header_layers, max_positions=c.context_length,
+                                 renormalize=config.renormalize_after_header,
+                                 dtype=c.compute_dtype, rngs=rngs)
+    self.header.init_from_clip(clip)
+    self.token_weights = dmae.TokenWeights(dim, rngs=rngs) if config.token_weights else None
+    if config.partial_type:
+      self.word_predictor = tpmcl.CrossModalWeightPredictor(config.max_frames, config.max_words,
+                                                            dim, rngs=rngs)
+      self.visual_predictor = tpmcl.CrossModalWeightPredictor(1, config.max_frames, dim,
+                                                              rngs=rngs)
+    else:
+      self.word_predictor = self.visual_predictor = None
+
+  @classmethod
+  def from_pretrained(cls, config: RetrievalConfig, clip_dir: str,
+                      rngs: Optional[nnx.Rngs] = None, **clip_overrides) -> "RetrievalModel":
+    """Builds the model on a converted CLIP checkpoint directory (`python -m tvr_jax.convert`)."""
+    return cls(config, clip=load_clip(clip_dir, **clip_overrides), rngs=rngs)
+
+  # --------------------------------------------------------------------------------------------
+  # Encoders
+  # --------------------------------------------------------------------------------------------
+  def encode_text(self, ids: jax.Array, keyword_mask: Optional[jax.Array] = None) -> TextFeatures:
+    """ids int32 [B, L] -> (sentence [B, D], words [B, L, D], mask [B, L] int32).
+
+    Features are float32, L2-normalised. The mask is 1 on SOT..EOT, 0 on padding, and 2 on
+    keywords when `keyword_weighting` is on and `keyword_mask` ([B, L], nonzero = keyword) is given.
+    """
+    if ids.ndim != 2 or ids.shape[1] != self.config.max_words:
+      raise ValueError(f"text ids must be [B, max_words={self.config.max_words}], got {ids.shape}")
+    sent, words, mask = self.clip.encode_text_tokens(ids)
+    if self.config.keyword_weighting:
+      if keyword_mask is None:
+        raise ValueError("keyword_weighting is on but no keyword_mask was given")
+      mask = mask + ((keyword_mask != 0) & (mask > 0)).astype(mask.dtype)
+    sent = dmae.l2_normalize(sent.astype(jnp.float32))
+    words = dmae.l2_normalize(words.astype(jnp.float32))
+    return sent, words, mask
+
+  def frame_tokens(self, frames: jax.Array) -> jax.Array:
+    """frames [B, F, H, W, 3] (uint8, or float already CLIP-normalised) -> normalised [B, F, D]."""
+    if frames.ndim != 5:
+      raise ValueError(f"frames must be [B, F, H, W, 3], got {frames.shape}")
+    if frames.shape[1] != self.config.max_frames:
+      raise ValueError(f"frames must have max_frames={self.config.max_frames} frames, got "
+                       f"{frames.shape[1]}")
+    if frames.dtype == jnp.uint8:
+      frames = normalize_frames(frames)
+    b, f = frames.shape[:2]
+    feats = self.clip.encode_image(frames.reshape(b * f, *frames.shape[2:]))
+    return dmae.l2_normalize(feats.astype(jnp.float32).reshape(b, f, -1))
+
+  def encode_video(self, frames: jax.Array, frame_mask: jax.Array) -> VideoFeatures:
+    """frames [B, F, H, W, 3], frame_mask [B, F] -> (visual tokens [B, F, D] float32, mask).
+
+    The tokens are what `similarity` and the chunked scorer consume: normalised per frame, then
+    passed through the temporal header.
+    """
+    tokens = self.frame_tokens(frames)
+    return self.header(tokens, frame_mask).astype(jnp.float32), frame_mask
+
+  # --------------------------------------------------------------------------------------------
+  # Similarity and loss
+  # --------------------------------------------------------------------------------------------
+  def similarity_kwargs(self) -> Dict[str, Any]:
+    """Keyword arguments of `dmae.dmae_similarity` this config implies (used by the scorer)."""
+    return dict(textual_attention=self.config.textual_attention,
+                visual_attention=self.config.visual_attention, normalize=False)
+
+  def similarity(self, text_feats: TextFeatures, video_feats: VideoFeatures) -> jax.Array:
+    """DMAE similarity S [Bt, Bv] from `encode_text` and `encode_video` outputs."""
+    sent, words, tmask = text_feats
+    tokens, vmask = video_feats
+    word_w = frame_w = None
+    if self.token_weights is not None:
+      word_w, frame_w = self.token_weights(words, tmask, tokens, vmask)
+    return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
+                                frame_weights=frame_w, **self.similarity_kwargs())
+
+  def loss(self, batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Training loss on a batch of matched (text, video) pairs.
+
+    Args:
+      batch: `text_ids` int32 [B, L], `frames` [B, F, H, W, 3] (uint8 or CLIP-normalised float),
+        `frame_mask` [B, F]; `keyword_mask` [B, L] when keyword weighting is on.
+
+    Returns:
+      (total, terms): total = contrastive + tpm_weight * tpm; terms holds `negnce` or `infonce`,
+      `tpm` and its parts `tpm/T1`, `tpm/T2`, `tpm/T3` (those the partial type uses).
+    """
+    cfg = self.config
+    text = self.encode_text(batch["text_ids"], batch.get("keyword_mask"))
+    frame_mask = batch["frame_mask"]
+    pre_header = self.frame_tokens(batch["frames"])
+    tokens = self.header(pre_header, frame_mask).astype(jnp.float32)
+    sim = self.similarity(text, (tokens, frame_mask))
+    if cfg.contrastive_loss == "negnce":
+      contrastive = losses.negnce_symmetric(sim)
+    else:
+      contrastive = losses.infonce_symmetric(sim)
+    terms = {cfg.contrastive_loss: contrastive}
+    total = contrastive
+    if cfg.partial_type:
+      header = self.header if self.header.kind != "meanP" or cfg.renormalize_after_header else None
+      tpm, out = tpmcl.tpm_loss(text[0], text[1], pre_header, frame_mask, self.word_predictor,
+                                self.visual_predictor, partial_type=cfg.partial_type,
+                                tau=cfg.tau, delta=cfg.delta, header=header,
+                                train_t2v_predictor=cfg.train_t2v_predictor)
+      terms["tpm"] = tpm
+      for name in tpmcl.PARTIAL_TERMS[cfg.partial_type]:
+        terms[f"tpm/{name}"] = out[name]
+      total = total + cfg.tpm_weight * tpm
+    return total, terms
