@@ -40,6 +40,8 @@ Constructor: `Builder(config=..., data_dir=..., workers=1, progress=True)`; `man
 `data_prep.build.build(...)`. After a build, `builder.skips` holds the skip log and
 `builder.build_summary()` the summary dict.
 
+A split whose every video is skipped stops the build with `EmptySplitError` (a `RawDataError`).
+
 Skip kinds: the video kinds of `frames.VIDEO_ERROR_KINDS` ("missing", "empty", "undecodable",
 "truncated") and the annotation kinds "empty_caption", "non_utf8_caption", "malformed_annotation",
 "no_valid_caption" (every caption of a video was dropped), "duplicate_video".
@@ -70,6 +72,10 @@ SKIP_KINDS = frames_lib.VIDEO_ERROR_KINDS + ANNOTATION_SKIP_KINDS
 
 class RawDataError(FileNotFoundError):
   """The raw dataset (manual directory or an annotation file) is missing or unreadable as a whole."""
+
+
+class EmptySplitError(RawDataError):
+  """Every video of a split was skipped: the build stops (TFDS cannot write an empty split)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -287,8 +293,20 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._list_items(manual_dir, split, self.skips) for split in self.SPLITS}
 
   # ---------------------------------------------------------------- generation
+  def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
+    """TFDS `download_and_prepare`; remembers the manual dir the caller gave (None if none).
+
+    TFDS substitutes `<data_dir>/downloads/manual` for a missing one; builders see only what the
+    user passed, so "no manual directory" gets a clear message (or, for builders that need none,
+    None).
+    """
+    self._given_manual_dir = download_config.manual_dir if download_config else None
+    return super().download_and_prepare(download_dir=download_dir,
+                                        download_config=download_config, **kwargs)
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual_dir = self.check_raw_data(dl_manager._manual_dir)  # pylint: disable=protected-access
+    del dl_manager  # the manual dir comes from download_and_prepare
+    manual_dir = self.check_raw_data(getattr(self, "_given_manual_dir", None))
     self.skips = SkipLog()
     self.split_counts = {}
     # Every split is listed before any frame is extracted, so a bad annotation file fails fast.
@@ -358,6 +376,11 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       count += 1
       yield item.video_id, example
     self.split_counts[split] = count
+    if count == 0:
+      raise EmptySplitError(
+          f"{self.name}: split {split!r} has no usable video ({len(items)} listed with valid "
+          f"captions; skipped: {dict(self.skips.by_split[split])}). Check the manual directory "
+          f"layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
 
   # ---------------------------------------------------------------- report
   def build_summary(self) -> dict[str, Any]:

@@ -3,7 +3,9 @@ r"""Builds one dataset as TFDS array_record files from its raw download.
     python -m data_prep.build DATASET --manual_dir=RAW --data_dir=OUT \
         [--num_frames=F] [--fps=1] [--resolution=224] [--jpeg_quality=95] [--workers=N]
 
-DATASET is one of `data_prep.builders.available()` (msrvtt, msvd, didemo, activitynet, ...).
+DATASET is one of `data_prep.builders.available()` (msrvtt, msvd, didemo, activitynet, synthetic).
+Frame options left out take the dataset's default config (1 fps, 224 px, JPEG quality 95; F = 12 for
+MSR-VTT and MSVD, 64 for DiDeMo and ActivityNet).
 The dataset lands in OUT/DATASET/CONFIG/VERSION/ (CONFIG such as `f12_r224_fps1_q95`); a summary
 (examples per split, skipped items by kind with their file names) is printed and written as
 `build_summary.json` beside it, in that directory.
@@ -34,14 +36,17 @@ log = logging.getLogger(__name__)
 
 
 def make_builder(dataset: str, data_dir: str | os.PathLike, *, num_frames: int | None = None,
-                 fps: float = 1.0, resolution: int = 224, jpeg_quality: int = 95,
-                 workers: int = 1, progress: bool = True) -> base.VideoTextBuilder:
-  """The builder of `dataset` for these frame options (default F: the dataset's default config)."""
+                 fps: float | None = None, resolution: int | None = None,
+                 jpeg_quality: int | None = None, workers: int = 1,
+                 progress: bool = True) -> base.VideoTextBuilder:
+  """The builder of `dataset` for these frame options (None: the dataset's default config value)."""
   cls = builders.builder_class(dataset)
-  if num_frames is None:
-    num_frames = cls.BUILDER_CONFIGS[0].num_frames
-  config = base.make_config(fps=fps, num_frames=num_frames, resolution=resolution,
-                            jpeg_quality=jpeg_quality)
+  default = cls.BUILDER_CONFIGS[0]
+  config = base.make_config(
+      fps=default.fps if fps is None else fps,
+      num_frames=default.num_frames if num_frames is None else num_frames,
+      resolution=default.resolution if resolution is None else resolution,
+      jpeg_quality=default.jpeg_quality if jpeg_quality is None else jpeg_quality)
   return cls(config=config, data_dir=os.fspath(data_dir), workers=workers, progress=progress)
 
 
@@ -116,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("dataset", choices=builders.available())
-  parser.add_argument("--manual_dir", required=True, help="raw download directory")
+  parser.add_argument("--manual_dir", default=None,
+                      help="raw download directory (required by the real datasets)")
   parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
   parser.add_argument("--num_frames", type=int, default=None,
                       help="frames per video F (default: the dataset's, 12 or 64)")
-  parser.add_argument("--fps", type=float, default=1.0)
-  parser.add_argument("--resolution", type=int, default=224)
-  parser.add_argument("--jpeg_quality", type=int, default=95)
+  parser.add_argument("--fps", type=float, default=None, help="sampling rate (default 1)")
+  parser.add_argument("--resolution", type=int, default=None, help="R (default 224)")
+  parser.add_argument("--jpeg_quality", type=int, default=None, help="1-95 (default 95)")
   parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)

@@ -1,0 +1,5 @@
+"""DiDeMo builder package."""
+
+from data_prep.builders.didemo.didemo_dataset_builder import Didemo
+
+__all__ = ["Didemo"]
