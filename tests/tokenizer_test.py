@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -166,6 +167,15 @@ def test_bad_input_raises_clear_errors(tmp_path):
     tok_lib.CLIPTokenizer(str(bad))
   with pytest.raises(ValueError, match="nothere.gz"):
     tok_lib.CLIPTokenizer(str(tmp_path / "nothere.gz"))
+
+
+def test_pickles_for_worker_processes():
+  tok = tok_lib.CLIPTokenizer()
+  texts = ["a dog runs", "cafÃ© &amp; “tea”", "日本語"]
+  before = tok(texts)
+  clone = pickle.loads(pickle.dumps(tok))
+  np.testing.assert_array_equal(clone(texts), before)
+  assert clone.encode("a dog") == tok.encode("a dog") and clone.eot_token_id == 49407
 
 
 def test_single_string_and_default_path():

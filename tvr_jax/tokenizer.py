@@ -139,7 +139,18 @@ class CLIPTokenizer:
     self.sot_token_id = self._encoder[_SOT]
     self.eot_token_id = self._encoder[_EOT]
     self._special = {_SOT: self.sot_token_id, _EOT: self.eot_token_id}
+    self._cache_size = cache_size
     self._word_ids = functools.lru_cache(maxsize=cache_size)(self._word_ids_uncached)
+
+  def __getstate__(self) -> dict:
+    """Pickles without the word cache (e.g. to send the tokenizer to data-loader workers)."""
+    state = self.__dict__.copy()
+    del state["_word_ids"]
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._word_ids = functools.lru_cache(maxsize=self._cache_size)(self._word_ids_uncached)
 
   def _bpe(self, word: tuple[str, ...]) -> tuple[str, ...]:
     """Applies the merges to a byte-encoded word (last symbol already ends in `</w>`)."""
