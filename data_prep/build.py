@@ -47,6 +47,8 @@ def make_builder(dataset: str, data_dir: str | os.PathLike, *, num_frames: int |
       num_frames=default.num_frames if num_frames is None else num_frames,
       resolution=default.resolution if resolution is None else resolution,
       jpeg_quality=default.jpeg_quality if jpeg_quality is None else jpeg_quality)
+  # TFDS refuses a new config object named like one of the class's: use the class's own.
+  config = next((c for c in cls.BUILDER_CONFIGS if c.name == config.name), config)
   return cls(config=config, data_dir=os.fspath(data_dir), workers=workers, progress=progress)
 
 

@@ -20,7 +20,7 @@ import numbers
 
 import tensorflow_datasets as tfds
 
-from data_prep import annotations
+from data_prep import raw_files
 from data_prep import base
 from data_prep.video_index import VideoIndex
 
@@ -71,8 +71,8 @@ class ActivityNet(base.VideoTextBuilder):
     result = {}
     for split in self.SPLITS:
       ids_name, data_name = _SPLIT_FILES[split]
-      ids = annotations.read_json(manual_dir / ids_name)
-      data = annotations.read_json(manual_dir / data_name)
+      ids = raw_files.read_json(manual_dir / ids_name)
+      data = raw_files.read_json(manual_dir / data_name)
       if not isinstance(ids, list):
         raise base.RawDataError(f"{manual_dir / ids_name}: expected a list of video ids")
       if not isinstance(data, dict):

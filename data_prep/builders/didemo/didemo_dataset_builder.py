@@ -20,7 +20,7 @@ import numbers
 
 import tensorflow_datasets as tfds
 
-from data_prep import annotations
+from data_prep import raw_files
 from data_prep import base
 from data_prep.video_index import VideoIndex
 
@@ -66,12 +66,12 @@ class Didemo(base.VideoTextBuilder):
     result = {}
     for split in self.SPLITS:
       json_path = manual_dir / f"{split}_data.json"
-      data = annotations.read_json(json_path)
+      data = raw_files.read_json(json_path)
       if not isinstance(data, list):
         raise base.RawDataError(f"{json_path}: expected a list of annotations, got "
                                 f"{type(data).__name__}")
       list_path = manual_dir / f"{split}_list.txt"
-      allowed = set(annotations.read_lines(list_path)) if list_path.exists() else None
+      allowed = set(raw_files.read_lines(list_path)) if list_path.exists() else None
       per_video: dict[str, list[tuple[tuple[float, float], object]]] = {}
       for i, entry in enumerate(data):
         if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):

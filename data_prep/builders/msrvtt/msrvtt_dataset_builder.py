@@ -19,7 +19,7 @@ import collections
 from etils import epath
 import tensorflow_datasets as tfds
 
-from data_prep import annotations
+from data_prep import raw_files
 from data_prep import base
 from data_prep.video_index import VideoIndex
 
@@ -47,18 +47,25 @@ class MsrVtt(base.VideoTextBuilder):
   SPLITS = ("train", "test")
   EVAL_SPLIT = "test"
   HAS_TIMESTAMPS = False
-  REQUIRED_FILES = ()  # checked in _split_items (they may sit in msrvtt_data/)
+  REQUIRED_FILES = ()  # checked in check_raw_data (they may sit in msrvtt_data/)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download CLIP4Clip's MSR-VTT package (https://github.com/ArrowLuo/CLIP4Clip, "Data Preparing":
   msrvtt_data.zip with MSRVTT_data.json, MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv, and the
   raw videos MSRVTT.zip with videoN.mp4) and extract both into the manual directory.
   """
 
+  def check_raw_data(self, manual_dir):
+    """The base checks, then each annotation file at the top or in msrvtt_data/."""
+    path = super().check_raw_data(manual_dir)
+    for name in (_DATA_JSON, _TRAIN_CSV, _TEST_CSV):
+      _find(path, name)
+    return path
+
   def _split_items(self, manual_dir):
     data_path = _find(manual_dir, _DATA_JSON)
     train_path = _find(manual_dir, _TRAIN_CSV)
     test_path = _find(manual_dir, _TEST_CSV)
-    data = annotations.read_json(data_path)
+    data = raw_files.read_json(data_path)
     if not isinstance(data, dict) or not isinstance(data.get("sentences"), list):
       raise base.RawDataError(f"{data_path}: expected an object with a 'sentences' list")
     captions = collections.defaultdict(list)
@@ -75,7 +82,7 @@ class MsrVtt(base.VideoTextBuilder):
       return videos.find(f"{video_id}.mp4", f"{video_id}.webm", video_id)
 
     train = []
-    for i, row in enumerate(annotations.read_csv(train_path, ("video_id",))):
+    for i, row in enumerate(raw_files.read_csv(train_path, ("video_id",))):
       video_id = (row.get("video_id") or "").strip()
       if not video_id:
         self.skips.add("malformed_annotation", "train", train_path.name, f"row {i + 2}: {row}")
@@ -83,7 +90,7 @@ class MsrVtt(base.VideoTextBuilder):
       train.append(base.VideoItem(video_id, video_path(video_id), list(captions.get(video_id, [])),
                                   where=f"{train_path.name}:{video_id}"))
     test = []
-    for i, row in enumerate(annotations.read_csv(test_path, ("video_id", "sentence"))):
+    for i, row in enumerate(raw_files.read_csv(test_path, ("video_id", "sentence"))):
       video_id = (row.get("video_id") or "").strip()
       if not video_id or row.get("sentence") is None:
         self.skips.add("malformed_annotation", "test", test_path.name, f"row {i + 2}: {row}")

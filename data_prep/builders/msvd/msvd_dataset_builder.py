@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from data_prep import annotations
+from data_prep import raw_files
 from data_prep import base
 from data_prep.video_index import VideoIndex
 
@@ -53,7 +53,7 @@ class Msvd(base.VideoTextBuilder):
 
   def _split_items(self, manual_dir):
     captions_path = manual_dir / _CAPTIONS
-    captions = annotations.read_pickle_safely(captions_path)
+    captions = raw_files.read_pickle_safely(captions_path)
     if not isinstance(captions, dict):
       raise base.RawDataError(f"{captions_path}: expected a dict of video id -> token lists, got "
                               f"{type(captions).__name__}")
@@ -65,7 +65,7 @@ class Msvd(base.VideoTextBuilder):
     for split in self.SPLITS:
       list_path = manual_dir / f"{split}_list.txt"
       items = []
-      for video_id in annotations.read_lines(list_path):
+      for video_id in raw_files.read_lines(list_path):
         entry = captions.get(video_id)
         if not isinstance(entry, list):
           self.skips.add("malformed_annotation", split, f"{list_path.name}:{video_id}",
