@@ -48,15 +48,18 @@ def save_pytree(directory: str | os.PathLike, tree: PyTree) -> str:
   if os.path.exists(directory):
     raise FileExistsError(f"refusing to overwrite existing checkpoint directory {directory}")
   os.makedirs(os.path.dirname(directory), exist_ok=True)
-  tmp = temporary_sibling(directory)
+  # Orbax keeps its own temporaries beside the path it is given; a private container directory
+  # keeps those inside, so a failure is cleaned up by one rmtree.
+  container = temporary_sibling(directory)
+  os.makedirs(container)
   try:
+    tmp = os.path.join(container, "tree")
     checkpointer = ocp.PyTreeCheckpointer()
     checkpointer.save(tmp, tree)
     checkpointer.close()
     os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  finally:
+    shutil.rmtree(container, ignore_errors=True)
   return directory
 
 
