@@ -1,0 +1,195 @@
+"""Memory-bounded DMAE scoring of a whole test set from cached encoded features.
+
+The DMAE similarity of Bt texts against Bv videos passes through a [Bt, Bv, L, Nv] word-frame
+tensor: for MSVD's test set (about 27.7k captions x 670 videos x 32 words x 12 frames) that is
+about 28 GB in float32. `score` never forms it: it walks over blocks of (texts x videos) whose
+sizes come from a memory budget in bytes, and runs one jitted block function with fixed block
+shapes (the last, ragged block is padded), so it compiles exactly once. The compiled block's own
+XLA memory analysis is checked against the budget; sizes shrink until it fits.
+
+Features are the model's `encode_text` / `encode_video` outputs (already normalised, visual tokens
+after the temporal header), kept on the host; each block is transferred as it is needed. Works on
+CPU and accelerators alike.
+"""
+
+import dataclasses
+import logging
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from tvr_jax.models import dmae
+
+DEFAULT_BUDGET_BYTES = 2 << 30
+# Working copies of a [Bt, Bv, L, Nv] float32 block assumed by the first size estimate (the dot
+# output, its masked copy and the gathers of visual attention); the compiled size is checked.
+_WORK_COPIES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+  """Block sizes and the compiled block's memory (bytes, from XLA's memory analysis)."""
+  text_chunk: int
+  video_chunk: int
+  temp_bytes: int
+  argument_bytes: int
+  output_bytes: int
+
+  @property
+  def total_bytes(self) -> int:
+    return self.temp_bytes + self.argument_bytes + self.output_bytes
+
+
+def _block_fn(sent, words, tmask, tokens, vmask, word_w, frame_w, *, kwargs):
+  return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
+                              frame_weights=frame_w, **kwargs)
+
+
+def estimate_chunks(num_texts: int, num_videos: int, num_words: int, num_tokens: int, dim: int,
+                    budget_bytes: int, itemsize: int = 4) -> Tuple[int, int]:
+  """First guess of (text block, video block) sizes whose working set fits `budget_bytes`.
+
+  The video block takes every video when a single text row of the block still fits, otherwise
+  the videos are split too.
+  """
+  pair = _WORK_COPIES * num_words * num_tokens * itemsize
+  per_text = (num_words + 1) * (dim + 2) * itemsize
+  per_video = num_tokens * (dim + 2) * itemsize
+  cv = num_videos
+  while cv > 1 and pair * cv + per_text + per_video * cv > budget_bytes:
+    cv = (cv + 1) // 2
+  ct = max(1, (budget_bytes - per_video * cv) // (pair * cv + per_text + cv * itemsize))
+  return int(min(ct, num_texts)), int(cv)
+
+
+class ChunkedScorer:
+  """Scores text features against video features block by block within a memory budget.
+
+  Usage:
+    scorer = ChunkedScorer(budget_bytes=1 << 30, textual_attention=True, visual_attention=True)
+    sim = scorer(text_feats, video_feats)   # np.ndarray [Nt, Nv] float32
+  """
+
+  def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, *, textual_attention: bool = True,
+               visual_attention: bool = True, show_progress: bool = True):
+    if budget_bytes <= 0:
+      raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+    self.budget_bytes = int(budget_bytes)
+    self.kwargs = dict(textual_attention=textual_attention, visual_attention=visual_attention,
+                       normalize=False)
+    self.show_progress = show_progress
+    self._jitted = jax.jit(lambda *a: _block_fn(*a, kwargs=self.kwargs))
+    self._compiled: Dict[Any, Any] = {}
+    self.compilations = 0
+    self.plan: Optional[ChunkPlan] = None
+
+  def _compile(self, ct, cv, words_shape, tokens_shape, weighted):
+    key = (ct, cv, words_shape[1:], tokens_shape[1:], weighted)
+    if key not in self._compiled:
+      f32 = jnp.float32
+      num_words, dim = words_shape[1:]
+      num_tokens = tokens_shape[1]
+      shapes = [jax.ShapeDtypeStruct((ct, dim), f32), jax.ShapeDtypeStruct((ct, num_words, dim), f32),
+                jax.ShapeDtypeStruct((ct, num_words), jnp.int32),
+                jax.ShapeDtypeStruct((cv, num_tokens, dim), f32),
+                jax.ShapeDtypeStruct((cv, num_tokens), jnp.int32)]
+      shapes += ([jax.ShapeDtypeStruct((ct, num_words), f32),
+                  jax.ShapeDtypeStruct((cv, num_tokens), f32)] if weighted else [None, None])
+      self._compiled[key] = self._jitted.lower(*shapes).compile()
+      self.compilations += 1
+    return self._compiled[key]
+
+  def plan_for(self, num_texts: int, num_videos: int, words_shape, tokens_shape,
+               weighted: bool = False) -> Tuple[ChunkPlan, Any]:
+    """Chooses block sizes that fit the budget according to XLA's analysis of the compiled block."""
+    num_words, dim = words_shape[1:]
+    ct, cv = estimate_chunks(num_texts, num_videos, num_words, tokens_shape[1], dim,
+                             self.budget_bytes)
+    while True:
+      compiled = self._compile(ct, cv, words_shape, tokens_shape, weighted)
+      mem = compiled.memory_analysis()
+      plan = ChunkPlan(ct, cv, int(mem.temp_size_in_bytes), int(mem.argument_size_in_bytes),
+                       int(mem.output_size_in_bytes))
+      if plan.total_bytes <= self.budget_bytes or (ct == 1 and cv == 1):
+        break
+      # Shrink in proportion to the overshoot (the block's memory is close to linear in ct).
+      factor = self.budget_bytes / plan.total_bytes
+      if ct > 1:
+        ct = max(1, int(ct * factor * 0.95))
+      else:
+        cv = max(1, int(cv * factor * 0.95))
+    if plan.total_bytes > self.budget_bytes:
+      logging.warning("one (1 text x 1 video) block needs %d bytes, over the budget of %d",
+                      plan.total_bytes, self.budget_bytes)
+    return plan, compiled
+
+  def __call__(self, text_feats, video_feats, word_weights: Optional[np.ndarray] = None,
+               frame_weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """Scores every text against every video.
+
+    Args:
+      text_feats: (sentence [Nt, D], words [Nt, L, D], text mask [Nt, L]), normalised.
+      video_feats: (visual tokens [Nv, T, D], video mask [Nv, T]), normalised, after the header.
+      word_weights, frame_weights: optional "wti" weights [Nt, L], [Nv, T] (both or neither).
+
+    Returns:
+      S as np.ndarray float32 [Nt, Nv].
+    """
+    sent, words, tmask = (np.asarray(x) for x in text_feats)
+    tokens, vmask = (np.asarray(x) for x in video_feats)
+    if (word_weights is None) != (frame_weights is None):
+      raise ValueError("give both word_weights and frame_weights, or neither")
+    nt, nv = sent.shape[0], tokens.shape[0]
+    if words.shape[0] != nt or tmask.shape != words.shape[:2] or vmask.shape != tokens.shape[:2]:
+      raise ValueError(f"inconsistent feature shapes: sentence {sent.shape}, words {words.shape}, "
+                       f"text mask {tmask.shape}, tokens {tokens.shape}, video mask {vmask.shape}")
+    if nt == 0 or nv == 0:
+      return np.zeros((nt, nv), np.float32)
+    weighted = word_weights is not None
+    plan, compiled = self.plan_for(nt, nv, words.shape, tokens.shape, weighted)
+    self.plan = plan
+    ct, cv = plan.text_chunk, plan.video_chunk
+
+    def pad(x, n, dtype):
+      x = np.asarray(x, dtype)
+      out = np.zeros((n,) + x.shape[1:], dtype)
+      out[:x.shape[0]] = x
+      return out
+
+    nv_pad = math.ceil(nv / cv) * cv
+    # Video features are small next to the text side (MSVD: 16 MB); keep them on the device when
+    # they fit in the budget, otherwise transfer each block as it is used.
+    resident = nv_pad * tokens.shape[1] * (tokens.shape[2] + 2) * 4 <= self.budget_bytes
+    put = jax.device_put if resident else (lambda x: x)
+    video_blocks = []
+    for j in range(0, nv_pad, cv):
+      blk = [put(pad(tokens[j:j + cv], cv, np.float32)), put(pad(vmask[j:j + cv], cv, np.int32))]
+      blk.append(put(pad(frame_weights[j:j + cv], cv, np.float32)) if weighted else None)
+      video_blocks.append(blk)
+    out = np.empty((nt, nv), np.float32)
+    starts = range(0, nt, ct)
+    for i in tqdm.tqdm(starts, desc="scoring", unit="block", disable=not self.show_progress):
+      n = min(ct, nt - i)
+      s_blk = jax.device_put(pad(sent[i:i + ct], ct, np.float32))
+      w_blk = jax.device_put(pad(words[i:i + ct], ct, np.float32))
+      m_blk = jax.device_put(pad(tmask[i:i + ct], ct, np.int32))
+      ww_blk = jax.device_put(pad(word_weights[i:i + ct], ct, np.float32)) if weighted else None
+      row = [compiled(s_blk, w_blk, m_blk, t_blk, vm_blk, ww_blk, fw_blk)
+             for t_blk, vm_blk, fw_blk in video_blocks]
+      row = np.concatenate([np.asarray(r) for r in row], axis=1)
+      out[i:i + n] = row[:n, :nv]
+    return out
+
+
+def score(text_feats, video_feats, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+          textual_attention: bool = True, visual_attention: bool = True,
+          word_weights: Optional[np.ndarray] = None, frame_weights: Optional[np.ndarray] = None,
+          show_progress: bool = True) -> np.ndarray:
+  """One-call form of `ChunkedScorer`: S [Nt, Nv] float32 of cached features within a budget."""
+  scorer = ChunkedScorer(budget_bytes, textual_attention=textual_attention,
+                         visual_attention=visual_attention, show_progress=show_progress)
+  return scorer(text_feats, video_feats, word_weights, frame_weights)
