@@ -19,6 +19,7 @@ Everything is a function of `SyntheticConfig` (seed included): same config, same
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import json
 import os
 from typing import Iterator, Sequence
@@ -186,10 +187,19 @@ def encode_mp4(frames: np.ndarray, path: str, fps: int) -> None:
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height = frames.shape[2], frames.shape[1]
     stream.pix_fmt = "yuv420p"
-    stream.thread_count = 1
-    stream.options = {"crf": "17", "preset": "fast"}
-    for frame in frames:
-      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    stream.codec_context.thread_count = 1
+    stream.codec_context.time_base = fractions.Fraction(1, fps)
+    # Constant QP, one thread: x264 output is then a function of the pixels alone. (With CRF rate
+    # control a few clips came out with different bytes in identical runs.)
+    stream.options = {"qp": "16", "preset": "fast",
+                      "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
+    for i, frame in enumerate(frames):
+      # Convert to yuv420p here, frame by frame: leaving it to `encode` made a few clips' bytes
+      # differ between identical runs (the encoder's reused converter), breaking determinism.
+      video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+      video_frame.pts = i
+      video_frame.time_base = fractions.Fraction(1, fps)
+      for packet in stream.encode(video_frame):
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)

@@ -92,17 +92,24 @@ class VideoSplit:
   resolution: int
 
   @classmethod
-  def open(cls, data_dir: str | os.PathLike, split: str, progress: bool = True) -> "VideoSplit":
-    """Opens `split` of the dataset built in `data_dir` and scans its captions.
+  def open(cls, data_dir: str | os.PathLike, split: str, dataset: str | None = None,
+           config: str | None = None, progress: bool = True) -> "VideoSplit":
+    """Opens `split` of a built dataset and scans its captions.
 
     Args:
-      data_dir: the directory holding `dataset_info.json` (e.g. `OUT/msrvtt/default/1.0.0`).
+      data_dir: with `dataset`: the `--data_dir` of `python -m data_prep.build` (the config and
+        newest version are found as `data_prep.reading.dataset_path` does); without: the version
+        directory itself, the one holding `dataset_info.json` (`OUT/msrvtt/f12_r224_fps1_q95/1.0.0`).
       split: a split the builder wrote.
+      dataset, config: dataset name (e.g. "msrvtt", "synthetic") and optional config name.
       progress: show a tqdm bar over the metadata scan.
 
     Raises:
       FileNotFoundError / ValueError naming the directory, split or feature that is wrong.
     """
+    if dataset is not None:
+      from data_prep import reading  # pylint: disable=import-outside-toplevel
+      data_dir = reading.dataset_path(data_dir, dataset, config)
     data_dir = os.fspath(data_dir)
     if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
       raise FileNotFoundError(f"{data_dir}: no dataset_info.json; pass the TFDS version directory "
