@@ -2,8 +2,8 @@
 
 Stable interface for dataset builders (the four real datasets and the synthetic one subclass it)
 -----------------------------------------------------------------------------------------------
-A builder lives in its own package (TFDS resolves a builder's metadata through its package), e.g.
-`data_prep/builders/msrvtt/__init__.py` importing `msrvtt_dataset_builder.py`:
+A builder lives in a package found by `python -m data_prep.build NAME`: `data_prep/builders/NAME/`
+(whose `__init__` imports e.g. `NAME_dataset_builder.py`) or `data_prep/NAME/builder.py`:
 
     class MsrVtt(base.VideoTextBuilder):
       name = "msrvtt"                       # TFDS name and `python -m data_prep.build` name
@@ -11,20 +11,26 @@ A builder lives in its own package (TFDS resolves a builder's metadata through i
       RELEASE_NOTES = {"1.0.0": "Initial release."}
       BUILDER_CONFIGS = base.default_configs(num_frames=12)   # first = default
       SPLITS = ("train", "test")
+      EVAL_SPLIT = "test"                   # the split evaluation uses
       HAS_TIMESTAMPS = False                # True adds the `timestamps` feature
       REQUIRED_FILES = ("MSRVTT_data.json", ...)   # relative to the manual dir, checked first
       MANUAL_DOWNLOAD_INSTRUCTIONS = "where to get it, the expected layout"
 
-      def _list_items(self, manual_dir: epath.Path, split: str, skips: SkipLog) -> list[VideoItem]:
-        ...  # read annotations; call skips.add(kind, split, where, detail) for malformed entries
+      def _split_items(self, manual_dir: epath.Path | None) -> dict[str, list[VideoItem]]:
+        ...  # read annotations; self.skips.add(kind, split, where, detail) for malformed entries
 
-`_list_items` returns one `VideoItem` per video (its id, expected file path or None when no file was
-found, captions, optional per-caption (start, end) seconds and an optional frame window). The base
-class does the rest: checks the manual directory and REQUIRED_FILES before anything is written
-(`RawDataError` naming the missing file and the instructions), drops invalid captions (non-string,
-non-UTF-8, empty; counted), skips duplicate ids, extracts frames in `workers` processes
-(`frames.extract_many`), skips and counts bad videos by `frames.VideoError.kind`, and yields examples
-with the features of docs/ARCHITECTURE.md "Datasets":
+Instead of `_split_items` a builder may implement `_list_items(manual_dir, split, skips)` (one split
+at a time; the default `_split_items` calls it for each of SPLITS). Every split is listed before
+any frame is extracted, so a bad annotation file fails fast. A builder may extend
+`check_raw_data(manual_dir)` (call super) to check files REQUIRED_FILES cannot express.
+
+Each `VideoItem` is one video: its id, expected file path (None when no file was found), captions,
+optional per-caption (start, end) seconds and an optional frame window. The base class does the
+rest: checks the manual directory and REQUIRED_FILES before anything is written (`RawDataError`
+naming the missing file and the instructions), drops invalid captions (non-string, non-UTF-8, empty;
+counted), skips duplicate ids, extracts frames in `workers` processes (`frames.extract_many`), skips
+and counts bad videos by `frames.VideoError.kind`, and yields examples (key = video id) with the
+features of docs/ARCHITECTURE.md "Datasets":
 
     video_id    Text
     frames      Sequence(Image(shape=(R, R, 3), encoding_format="jpeg"), length=F)
@@ -33,8 +39,9 @@ with the features of docs/ARCHITECTURE.md "Datasets":
     timestamps  Tensor(shape=(None, 2), float32)   only when HAS_TIMESTAMPS
     duration    Scalar(float32)                    seconds
 
-A subclass that needs no manual directory (synthetic data) sets `REQUIRES_MANUAL_DIR = False` and
-may override `_split_items(manual_dir)` instead of `_list_items` (manual_dir is then None).
+The info's metadata records fps, num_frames, resolution, jpeg_quality and has_timestamps.
+A builder that needs no manual directory (synthetic data) sets `REQUIRES_MANUAL_DIR = False`; its
+`_split_items` then receives the manual dir the caller gave, or None.
 Constructor: `Builder(config=..., data_dir=..., workers=1, progress=True)`; `manual_dir` goes to
 `download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))`, or use
 `data_prep.build.build(...)`. After a build, `builder.skips` holds the skip log and
@@ -54,7 +61,7 @@ import dataclasses
 import inspect
 import logging
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 from etils import epath
 import numpy as np
@@ -199,6 +206,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS: list[VideoTextConfig] = default_configs(num_frames=12)
   SPLITS: Sequence[str] = ("train", "test")
+  EVAL_SPLIT = "test"
   HAS_TIMESTAMPS = False
   REQUIRES_MANUAL_DIR = True
   REQUIRED_FILES: Sequence[str] = ()

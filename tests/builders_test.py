@@ -90,10 +90,18 @@ def test_msrvtt(tmp_path):
   assert again["reused"] and again["examples"] == summary["examples"]
 
 
-def test_msvd(tmp_path):
+def test_msvd_through_the_command_line(tmp_path, capsys):
   raw = rf.make_msvd(str(tmp_path / "raw"))
   out = str(tmp_path / "out")
-  summary = build_lib.build("msvd", raw, out, **OPTIONS)
+  rc = build_lib.main(["msvd", f"--manual_dir={raw}", f"--data_dir={out}", f"--num_frames={F}",
+                       f"--resolution={R}", "--workers=1", "--no_progress"])
+  printed = capsys.readouterr().out
+  assert rc == 0
+  assert "train: 2 examples" in printed and "test: 1 examples" in printed
+  assert "missing=1" in printed and "clipF" in printed
+  with open(os.path.join(out, "msvd", f"f{F}_r{R}_fps1_q95", "1.0.0",
+                         build_lib.SUMMARY_FILE)) as f:
+    summary = json.load(f)
   assert summary["examples"] == {"train": 2, "val": 1, "test": 1}
   assert _by_kind(summary, "train") == {"non_utf8_caption": 1, "empty": 1}
   assert _by_kind(summary, "test") == {"missing": 1, "malformed_annotation": 1}
