@@ -13,8 +13,8 @@ dataset builder can skip the video and count it:
 - "empty": the file has zero bytes, or decodes to no frame at all (inside the window, if one is given);
 - "undecodable": the container or its video stream cannot be opened (no video stream, bad header, a
   truncated mp4 whose index is gone);
-- "truncated": decoding fails part-way, or the decoded frames cover less than half of the frame count
-  the container declares (a cut-off AVI decodes silently up to the cut).
+- "truncated": decoding fails part-way (after the first frame), or the decoded frames are fewer than
+  half of the frame count the container declares (a cut-off AVI decodes silently up to the cut).
 
 `extract_many` runs `extract_frames` over many videos in worker processes with a tqdm progress bar.
 """
@@ -180,7 +180,7 @@ def sample_frames(path: str, fps: float, resolution: int,
     raise ValueError(f"window end {end} is before its start {start} for {path}")
   try:
     container = av.open(path)
-  except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+  except (av.FFmpegError, OSError, ValueError) as e:
     raise VideoError("undecodable", path, f"cannot open: {e}") from e
   frames: list[Image.Image] = []
   with container:
@@ -219,9 +219,9 @@ def sample_frames(path: str, fps: float, resolution: int,
         frames.append(resize_and_crop(frame.to_image(), resolution))
         while next_time <= t + _TIME_EPS:
           next_time += step
-    except (av.FFmpegError, OSError) as e:
-      raise VideoError("truncated", path,
-                       f"decoding failed after {decoded} frames: {e}") from e
+    except (av.FFmpegError, OSError, ValueError) as e:  # ValueError: unconvertible pixel format
+      kind = "truncated" if decoded > 1 else "undecodable"
+      raise VideoError(kind, path, f"decoding failed after {decoded} frames: {e}") from e
     declared = _declared_duration(container, stream)
     if decoded == 0:
       raise VideoError("empty", path, "no decodable frame")
