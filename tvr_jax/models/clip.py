@@ -13,6 +13,7 @@ statistics stay float32, as OpenAI's fp16-safe `LayerNorm` does). No torch impor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -383,6 +384,11 @@ def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
 
 def param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
   """Flat parameter name -> shape of a CLIP with `config`, without allocating weights."""
+  return dict(_param_shapes(config))
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
   abstract = nnx.eval_shape(lambda: CLIP(config, nnx.Rngs(0)))
   return {k: tuple(v.shape) for k, v in
           flatten_params(nnx.state(abstract, nnx.Param).to_pure_dict()).items()}
