@@ -91,17 +91,21 @@ def main():
                                  visual_attention=not args.no_visual_attention)
   rss_before = _status_kib("VmRSS")
   reset = _reset_peak_rss()
+  cpu0 = resource.getrusage(resource.RUSAGE_SELF)
   t0 = time.perf_counter()
   sim = scorer(text, video)
   elapsed = time.perf_counter() - t0
+  cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
   hwm = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   plan = scorer.plan
   print(f"budget {args.budget_mib:.0f} MiB -> blocks of {plan.text_chunk} texts x "
         f"{plan.video_chunk} videos; XLA block memory: temp {plan.temp_bytes / MIB:.1f} MiB + "
         f"args {plan.argument_bytes / MIB:.1f} MiB + out {plan.output_bytes / MIB:.2f} MiB = "
         f"{plan.total_bytes / MIB:.1f} MiB; compilations {scorer.compilations}")
-  print(f"time {elapsed:.1f} s (incl. compile) = {args.texts * args.videos / elapsed:,.0f} "
-        f"pairs/s")
+  print(f"time {elapsed:.1f} s wall (incl. compile) = {args.texts * args.videos / elapsed:,.0f} "
+        f"pairs/s; process CPU time {cpu:.1f} s on {os.cpu_count()} cores (wall > CPU/cores "
+        "means the machine was shared)")
   print(f"RSS before scoring {rss_before / 1024:.0f} MiB; peak RSS during scoring "
         f"{hwm / 1024:.0f} MiB ({'VmHWM after reset' if reset else 'ru_maxrss, whole process'}); "
         f"growth {(hwm - rss_before) / 1024:.0f} MiB (includes the {sim.nbytes / MIB:.0f} MiB "

@@ -5,7 +5,9 @@ tensor: for MSVD's test set (about 27.7k captions x 670 videos x 32 words x 12 f
 about 28 GB in float32. `score` never forms it: it walks over blocks of (texts x videos) whose
 sizes come from a memory budget in bytes, and runs one jitted block function with fixed block
 shapes (the last, ragged block is padded), so it compiles exactly once. The compiled block's own
-XLA memory analysis is checked against the budget; sizes shrink until it fits.
+XLA memory analysis (temporaries + arguments + output) plus the host's staging copy of one text
+block is checked against the budget; sizes shrink until it fits. Not counted: the [Nt, Nv] float32
+result itself and the cached features the caller holds.
 
 Features are the model's `encode_text` / `encode_video` outputs (already normalised, visual tokens
 after the temporal header), kept on the host; each block is transferred as it is needed. Works on
@@ -66,6 +68,11 @@ def estimate_chunks(num_texts: int, num_videos: int, num_words: int, num_tokens:
   return int(min(ct, num_texts)), int(cv)
 
 
+def _host_stage_bytes(ct: int, num_words: int, dim: int, weighted: bool) -> int:
+  """Bytes of the host-side padded copy of one text block (sentence, words, mask[, weights])."""
+  return ct * ((num_words + 1) * dim + num_words * (2 if weighted else 1)) * 4
+
+
 class ChunkedScorer:
   """Scores text features against video features block by block within a memory budget.
 
@@ -114,10 +121,12 @@ class ChunkedScorer:
       mem = compiled.memory_analysis()
       plan = ChunkPlan(ct, cv, int(mem.temp_size_in_bytes), int(mem.argument_size_in_bytes),
                        int(mem.output_size_in_bytes))
-      if plan.total_bytes <= self.budget_bytes or (ct == 1 and cv == 1):
+      # The host keeps one padded copy of the text block while it is transferred.
+      need = plan.total_bytes + _host_stage_bytes(ct, num_words, dim, weighted)
+      if need <= self.budget_bytes or (ct == 1 and cv == 1):
         break
       # Shrink in proportion to the overshoot (the block's memory is close to linear in ct).
-      factor = self.budget_bytes / plan.total_bytes
+      factor = self.budget_bytes / need
       if ct > 1:
         ct = max(1, int(ct * factor * 0.95))
       else:
