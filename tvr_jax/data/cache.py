@@ -63,15 +63,20 @@ class FrameCache:
 
   def _open(self):
     shape = (self.num_videos, self.num_frames, self.resolution, self.resolution, 3)
-    self._frames = np.memmap(os.path.join(self.path, "frames.u8"), np.uint8, "r", shape=shape)
-    self._mask = np.memmap(os.path.join(self.path, "frame_mask.i32"), np.int32, "r",
-                           shape=shape[:2])
+    frames = np.memmap(os.path.join(self.path, "frames.u8"), np.uint8, "r", shape=shape)
+    mask = np.memmap(os.path.join(self.path, "frame_mask.i32"), np.int32, "r", shape=shape[:2])
+    # Grain's reader threads may race here: `_frames` (the flag checked) is set last.
+    self._mask = mask
+    self._frames = frames
 
   def read_frames(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """Video `j`: (uint8 `[F, R, R, 3]`, int32 `[F]`), copied out of the map."""
+    """Video `j`: (uint8 `[F, R, R, 3]`, int32 `[F]`), read-only views into the map.
+
+    No copy here: batching stacks the rows, which is the one copy out of the cache.
+    """
     if self._frames is None:
       self._open()
-    return np.array(self._frames[j]), np.array(self._mask[j])
+    return self._frames[j], self._mask[j]
 
   @property
   def nbytes(self) -> int:
