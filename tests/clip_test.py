@@ -86,6 +86,9 @@ def test_config_round_trip_and_presets():
     CLIPConfig.preset("RN50")
   with pytest.raises(ValueError, match="dtype"):
     CLIPConfig(dtype="float16")
+  with pytest.raises(ValueError, match="cudnn"):
+    CLIPConfig(attention_impl="cudnn")
+  assert CLIPConfig(attention_impl="cudnn", dtype="bfloat16").attention_impl == "cudnn"
 
 
 def test_short_context_matches_open_clip(tiny_pair):

@@ -68,6 +68,9 @@ class CLIPConfig:
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"CLIPConfig.attention_impl must be None, 'xla' or 'cudnn', got "
                        f"{self.attention_impl!r}")
+    if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError("attention_impl='cudnn' (GPU flash attention) needs dtype='bfloat16'; "
+                       "cuDNN rejects float32 queries")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")
