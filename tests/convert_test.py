@@ -65,7 +65,9 @@ def save_openai_torchscript(model, path: str, image_size: int) -> list[str]:
     for key, value in (("input_resolution", image_size), *saved.items()):
       m.__dict__.pop(key, None)
       m.register_buffer(key, torch.tensor(value))
-    example = (torch.zeros(1, 3, image_size, image_size), torch.zeros(1, 77, dtype=torch.long))
+    dtype = m.visual.conv1.weight.dtype  # OpenAI's released archives hold float16 weights
+    example = (torch.zeros(1, 3, image_size, image_size, dtype=dtype),
+               torch.zeros(1, 77, dtype=torch.long))
     traced = torch.jit.trace(m, example, strict=False, check_trace=False)
     traced.save(path)
     return list(traced.state_dict())
@@ -275,6 +277,29 @@ def tiny_state_dict():
                text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2))
   del open_clip
   return model.state_dict()
+
+
+def test_float16_torchscript_archive(tmp_path):
+  """OpenAI's released archives are float16: read them as such, convert to exact float32."""
+  import torch
+  import_open_clip()
+  from open_clip.model import CLIP
+  torch.manual_seed(1)
+  model = CLIP(embed_dim=32, quick_gelu=True,
+               vision_cfg=dict(layers=1, width=64, patch_size=8, image_size=32, head_width=64),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+  model = model.half().eval()
+  save_openai_torchscript(model, str(tmp_path / "fp16.pt"), 32)
+  ck = torch_io.read_checkpoint(tmp_path / "fp16.pt")
+  assert ck.format == "torchscript"
+  assert {v.dtype for k, v in ck.tensors.items() if k not in convert.OPENAI_METADATA_KEYS} == {
+      np.dtype(np.float16)}
+  conv = convert.map_checkpoint(ck)
+  assert conv.metadata["input_resolution"] == 32
+  float_sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+  reference = convert.map_checkpoint(torch_io.Checkpoint("<float32 copy>", "memory", float_sd))
+  assert_params_equal(conv.params, reference.params, "float16 archive")
+  assert_round_trip(conv, {k: v for k, v in ck.tensors.items()})
 
 
 def _assert_clean(parent, out):
