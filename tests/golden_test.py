@@ -61,15 +61,16 @@ def _group(key: str) -> str:
   return "values"
 
 
-def compute_case(data, prefix: str):
-  """Recomputes everything the golden file holds for one case.
+def compute_case(data, prefix: str, dtype=jnp.float32):
+  """Recomputes everything the golden file holds for one case (in `dtype`: float32, or float64
+  when x64 is enabled).
 
   Returns:
     (predictions: key -> array, input keys read). Predictions cover every non-input key.
   """
   r = _Reader(data, prefix + "/")
   r["seed"]
-  s_raw, w_raw, f_raw = (jnp.asarray(r[k], jnp.float32) for k in ("s_raw", "W", "F"))
+  s_raw, w_raw, f_raw = (jnp.asarray(r[k], dtype) for k in ("s_raw", "W", "F"))
   m_t, m_kw, m_v = (jnp.asarray(r[k]) for k in ("mT", "mT_kw", "mV"))
   bsz, num_words, dim = w_raw.shape
   num_frames = f_raw.shape[1]
@@ -77,7 +78,7 @@ def compute_case(data, prefix: str):
   s_n, w_n, f_n = (dmae.l2_normalize(x) for x in (s_raw, w_raw, f_raw))
   preds["s"], preds["Wn"], preds["Fn"] = s_n, w_n, f_n
   # The reference received s already normalised and W, F raw (it normalises those itself).
-  s_ref = jnp.asarray(r["s"], jnp.float32)
+  s_ref = jnp.asarray(r["s"], dtype)
 
   def similarity(variant, s, w, f, normalize):
     inter, nfc, twm = variant.rsplit("_", 2)
@@ -108,6 +109,8 @@ def compute_case(data, prefix: str):
     predictors[name] = module
   graph_w, params_w = nnx.split(predictors["v2t_xwp"])
   graph_v, params_v = nnx.split(predictors["t2v_xwp"])
+  # The stored float32 parameters are exact; in float64 mode their gradients are float64 too.
+  params_w, params_v = (jax.tree.map(lambda x: x.astype(dtype), p) for p in (params_w, params_v))
 
   def tpm(s, w, f, pw, pv, partial_type):
     return tpmcl.tpm_loss(s, w, f, m_v, nnx.merge(graph_w, pw), nnx.merge(graph_v, pv),
@@ -152,13 +155,13 @@ def compute_case(data, prefix: str):
 _CACHE = {}
 
 
-def _results():
+def _results(dtype=jnp.float32):
   if "results" not in _CACHE:
     data = np.load(GOLDEN_FILE)
     out = {"data": data, "preds": {}, "read": set()}
     with jax.default_matmul_precision("highest"):
       for case in CASES:
-        preds, read = compute_case(data, case)
+        preds, read = compute_case(data, case, dtype)
         out["preds"].update(preds)
         out["read"] |= read
     _CACHE["results"] = out
@@ -175,12 +178,22 @@ def relative_error(pred: np.ndarray, ref: np.ndarray) -> float:
   return float(err / scale) if scale > 0 else float(err)
 
 
-def group_errors():
+def _family(key: str) -> str:
+  """Finer reporting family of a key: `S_*`, `negnce_*`, `tpm/a`, `grad/param/v2t_xwp/*`, ..."""
+  name = key.split("/", 1)[1]
+  for prefix in ("S_", "negnce_", "crossen_", "dnegnce_sym_dS_", "hardneg_", "grad/param/v2t_xwp/",
+                 "grad/param/t2v_xwp/", "tpm/T", "tpm/loss_", "loss_"):
+    if name.startswith(prefix):
+      return prefix + "*"
+  return name
+
+
+def group_errors(by=_group):
   """{group: (max relative error, key where it occurs)} over both cases."""
   res = _results()
   worst = {}
   for key, pred in res["preds"].items():
-    group = _group(key)
+    group = by(key)
     err = relative_error(pred, res["data"][key])
     if group not in worst or err > worst[group][0]:
       worst[group] = (err, key)
@@ -232,7 +245,16 @@ def test_decisions_match_in_every_variant():
 
 
 if __name__ == "__main__":
+  # `python tests/golden_test.py [--x64]`: the error table, in float32 or in float64 (where the
+  # README expects agreement to 1e-10).
   if not os.path.exists(GOLDEN_FILE):
     sys.exit(f"golden file {GOLDEN_FILE} not found (set TVR_GOLDEN_FILE)")
+  if "--x64" in sys.argv:
+    jax.config.update("jax_enable_x64", True)
+    _results(jnp.float64)
+  print(f"golden file: {GOLDEN_FILE}; dtype {'float64' if '--x64' in sys.argv else 'float32'}")
   for group, (err, key) in sorted(group_errors().items()):
     print(f"{group:8s} max relative error {err:.3e}  (at {key}; limit {LIMITS[group]:g})")
+  print("by family (max |pred - ref| / max |ref|, both cases):")
+  for family, (err, key) in sorted(group_errors(_family).items()):
+    print(f"  {family:24s} {err:.3e}  ({key})")

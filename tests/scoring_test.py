@@ -65,6 +65,23 @@ def test_token_weights_path():
     scoring.score(text, video, word_weights=ww, show_progress=False)
 
 
+def test_score_model_matches_model_similarity():
+  """The model's switches and its learned "wti" token weights reach the chunked scorer."""
+  from flax import nnx
+  from tvr_jax.models.clip import CLIPConfig
+  from tvr_jax.models.retrieval import RetrievalConfig, RetrievalModel
+  model = RetrievalModel(
+      RetrievalConfig(token_weights=True, partial_type=0, max_words=L, max_frames=T,
+                      visual_attention=False),
+      clip_config=CLIPConfig.preset("tiny", embed_dim=D), rngs=nnx.Rngs(0))
+  text, video = _features(6)
+  with jax.default_matmul_precision("highest"):
+    got = scoring.score_model(model, text, video, budget_bytes=20_000, show_progress=False,
+                              rows_per_call=16)
+    want = np.asarray(model.similarity(text, video))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_compiles_once_for_fixed_shapes():
   text, video = _features(3)
   scorer = scoring.ChunkedScorer(40_000, show_progress=False)

@@ -202,3 +202,37 @@ def score(text_feats, video_feats, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
   scorer = ChunkedScorer(budget_bytes, textual_attention=textual_attention,
                          visual_attention=visual_attention, show_progress=show_progress)
   return scorer(text_feats, video_feats, word_weights, frame_weights)
+
+
+def score_model(model, text_feats, video_feats, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                show_progress: bool = True, rows_per_call: int = 4096) -> np.ndarray:
+  """S [Nt, Nv] with the switches of a `RetrievalModel` (incl. its learned "wti" token weights).
+
+  Args:
+    model: a `tvr_jax.models.retrieval.RetrievalModel` (its config gives the attention switches;
+      with `token_weights` on, the weights are computed here from the cached features, in slices of
+      `rows_per_call` rows with one compiled shape).
+    text_feats, video_feats: cached `encode_text` / `encode_video` outputs.
+  """
+  cfg = model.config
+  word_w = frame_w = None
+  if model.token_weights is not None:
+    tw = model.token_weights
+    fn = jax.jit(lambda x, m, fc: dmae.masked_softmax(fc(x)[..., 0], m))
+
+    def weights(x, m, fc):
+      x, m = np.asarray(x), np.asarray(m)
+      out = np.zeros(m.shape, np.float32)
+      for i in range(0, len(x), rows_per_call):
+        xs, ms = x[i:i + rows_per_call], m[i:i + rows_per_call]
+        n = len(xs)
+        pad = rows_per_call - n if len(x) > rows_per_call else 0
+        xs = np.concatenate([xs, np.zeros((pad,) + xs.shape[1:], xs.dtype)]) if pad else xs
+        ms = np.concatenate([ms, np.zeros((pad,) + ms.shape[1:], ms.dtype)]) if pad else ms
+        out[i:i + n] = np.asarray(fn(xs, ms, fc))[:n]
+      return out
+    word_w = weights(text_feats[1], text_feats[2], tw.text_fc)
+    frame_w = weights(video_feats[0], video_feats[1], tw.video_fc)
+  return score(text_feats, video_feats, budget_bytes=budget_bytes,
+               textual_attention=cfg.textual_attention, visual_attention=cfg.visual_attention,
+               word_weights=word_w, frame_weights=frame_w, show_progress=show_progress)
