@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       parser.add_argument(f"--{field.name}", type=type(value), default=value,
                           help=f"(default {value})")
+  parser.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs)")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   try:
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   start = time.time()
-  path = generate.write_raw(config, args.out, progress=not args.no_progress)
+  path = generate.write_raw(config, args.out, progress=not args.no_progress,
+                            workers=args.workers)
   print(f"wrote {path} ({time.time() - start:.1f} s)")
   return 0
 

@@ -64,7 +64,8 @@ class Synthetic(base.VideoTextBuilder):
     else:
       raw_dir = os.fspath(manual_dir)
     if not os.path.exists(os.path.join(raw_dir, "annotations.json")):
-      generate.write_raw(generate.SyntheticConfig(), raw_dir, progress=self.progress)
+      generate.write_raw(generate.SyntheticConfig(), raw_dir, progress=self.progress,
+                         workers=self.workers)
     return raw_dir
 
   def _split_items(self, manual_dir: epath.Path | None) -> dict[str, list[base.VideoItem]]:

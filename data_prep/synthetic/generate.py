@@ -18,9 +18,11 @@ Everything is a function of `SyntheticConfig` (seed included): same config, same
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fractions
 import json
+import multiprocessing
 import os
 from typing import Iterator, Sequence
 
@@ -218,11 +220,20 @@ def iter_clips(config: SyntheticConfig) -> Iterator[tuple[str, str, render.ClipS
       index += 1
 
 
-def write_raw(config: SyntheticConfig, raw_dir: str, progress: bool = True) -> str:
+def _render_and_encode(job: tuple[render.ClipSpec, int, int, int, str]) -> str:
+  """Worker job: renders one clip and writes its mp4; returns the path."""
+  spec, num_frames, resolution, fps, path = job
+  encode_mp4(render.render_clip(spec, num_frames, resolution), path, fps)
+  return path
+
+
+def write_raw(config: SyntheticConfig, raw_dir: str, progress: bool = True,
+              workers: int | None = None) -> str:
   """Renders and encodes every clip into `raw_dir` and writes `annotations.json`; returns its path.
 
   A finished tree (annotation file present with the same config) is reused as is. The annotation
-  file is written last, so an interrupted run is redone rather than half-used.
+  file is written last, so an interrupted run is redone rather than half-used. Clips are rendered
+  in `workers` processes (default: one per CPU); the bytes do not depend on it.
   """
   ann_path = os.path.join(raw_dir, "annotations.json")
   if os.path.exists(ann_path):
@@ -234,16 +245,27 @@ def write_raw(config: SyntheticConfig, raw_dir: str, progress: bool = True) -> s
                      f"wanted {config.to_dict()}. Use an empty --manual_dir.")
   video_dir = os.path.join(raw_dir, "videos")
   os.makedirs(video_dir, exist_ok=True)
-  videos, sentences = [], []
-  total = config.num_train + config.num_val + config.num_test
-  for video_id, split, spec, captions in tqdm(iter_clips(config), total=total, disable=not progress,
-                                               desc="render synthetic clips", unit="clip"):
-    frames = render.render_clip(spec, config.num_encoded_frames, config.video_resolution)
-    encode_mp4(frames, os.path.join(video_dir, f"{video_id}.mp4"), config.fps)
+  videos, sentences, jobs = [], [], []
+  for video_id, split, spec, captions in iter_clips(config):
+    jobs.append((spec, config.num_encoded_frames, config.video_resolution, config.fps,
+                 os.path.join(video_dir, f"{video_id}.mp4")))
     videos.append({"video_id": video_id, "split": split, "duration": config.duration,
                    "fps": config.fps, "attributes": spec.to_dict()})
     for caption in captions:
       sentences.append({"video_id": video_id, "caption": caption, "sen_id": len(sentences)})
+  workers = (os.cpu_count() or 1) if workers is None else workers
+  bar = tqdm(total=len(jobs), disable=not progress, desc="render synthetic clips", unit="clip")
+  if workers <= 1 or len(jobs) < 32:
+    for job in jobs:
+      _render_and_encode(job)
+      bar.update(1)
+  else:
+    # "spawn": the caller may hold threads (TFDS, absl) that make fork unsafe.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+      for _ in pool.map(_render_and_encode, jobs, chunksize=16):
+        bar.update(1)
+  bar.close()
   tmp = ann_path + ".partial"
   with open(tmp, "w") as f:
     json.dump({"config": config.to_dict(), "videos": videos, "sentences": sentences}, f)

@@ -111,7 +111,7 @@ class EvalData:
         operations=[_DropSlot(), grain.Batch(self.local_batch_size, drop_remainder=False)],
         worker_count=self._worker_count,
         read_options=grain.ReadOptions(num_threads=self._read_threads,
-                                       prefetch_buffer_size=4 * self.local_batch_size))
+                                       prefetch_buffer_size=self.local_batch_size))
     iterator = iter(loader)
     try:
       for batch in iterator:
