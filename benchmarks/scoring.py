@@ -1,6 +1,6 @@
 """Time and peak memory of chunked DMAE scoring for an MSVD-sized test set.
 
-    .venv/bin/python benchmarks/scoring.py            # 27,763 captions x 670 videos x 32 x 12, D 512
+    .venv/bin/python benchmarks/scoring.py          # 27,763 captions x 670 videos x 32 x 12, D 512
     .venv/bin/python benchmarks/scoring.py --quick    # 2,000 captions x 100 videos (seconds)
     .venv/bin/python benchmarks/scoring.py --budget_mib 256 --check 64
 

@@ -100,7 +100,8 @@ class ChunkedScorer:
       f32 = jnp.float32
       num_words, dim = words_shape[1:]
       num_tokens = tokens_shape[1]
-      shapes = [jax.ShapeDtypeStruct((ct, dim), f32), jax.ShapeDtypeStruct((ct, num_words, dim), f32),
+      shapes = [jax.ShapeDtypeStruct((ct, dim), f32),
+                jax.ShapeDtypeStruct((ct, num_words, dim), f32),
                 jax.ShapeDtypeStruct((ct, num_words), jnp.int32),
                 jax.ShapeDtypeStruct((cv, num_tokens, dim), f32),
                 jax.ShapeDtypeStruct((cv, num_tokens), jnp.int32)]

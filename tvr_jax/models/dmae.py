@@ -143,6 +143,18 @@ def dmae_similarity(sent: jax.Array, words: jax.Array, text_mask: jax.Array, fra
   return sim
 
 
+def torch_linear_init(fan_in: int):
+  """Initializer U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default for Linear weights and biases.
+
+  The release's new modules (token weights, TPM-CL predictors) start from it.
+  """
+  bound = 1.0 / fan_in ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
 def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
   """Softmax over the last axis restricted to mask > 0; an all-masked row gives zeros."""
   valid = mask > 0
@@ -160,15 +172,13 @@ class TokenWeights(nnx.Module):
   """
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    bound = 1.0 / dim ** 0.5
-    init = nnx.initializers.uniform(2 * bound)
-    shift = lambda f: (lambda key, shape, dtype=jnp.float32: f(key, shape, dtype) - bound)
-    self.text_fc = nnx.Linear(dim, 1, kernel_init=shift(init), bias_init=shift(init), rngs=rngs)
-    self.video_fc = nnx.Linear(dim, 1, kernel_init=shift(init), bias_init=shift(init), rngs=rngs)
+    init = torch_linear_init(dim)
+    self.text_fc = nnx.Linear(dim, 1, kernel_init=init, bias_init=init, rngs=rngs)
+    self.video_fc = nnx.Linear(dim, 1, kernel_init=init, bias_init=init, rngs=rngs)
 
   def __call__(self, words: jax.Array, text_mask: jax.Array, frames: jax.Array,
                video_mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Returns (word weights [Bt, L], frame weights [Bv, Nv]), each row summing to 1 over real tokens."""
+    """Returns (word weights [Bt, L], frame weights [Bv, Nv]); rows sum to 1 over real tokens."""
     tw = masked_softmax(self.text_fc(words)[..., 0], text_mask)
     vw = masked_softmax(self.video_fc(frames)[..., 0], video_mask)
     return tw, vw

@@ -1,7 +1,7 @@
 """The retrieval model: CLIP towers + temporal header + DMAE head + TPM-CL predictors (SPEC §1-§6).
 
     ids [B, L]            -> encode_text  -> (sentence [B, D], words [B, L, D], text mask [B, L])
-    frames [B, F, H, W, 3] -> encode_video -> (visual tokens [B, F, D] after the header, mask [B, F])
+    frames [B, F, H, W, 3] -> encode_video -> (visual tokens [B, F, D] after header, mask [B, F])
     similarity(text, video) -> S [Bt, Bv]     (the same S at train and test time)
     loss(batch) -> (NegNCE or InfoNCE + tpm_weight * L_TPM, {term: value})
 

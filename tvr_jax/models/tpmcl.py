@@ -14,7 +14,6 @@ Faithful to the release (golden README §5, §9):
   passes a straight-through gradient to b).
 """
 
-import math
 from typing import Callable, Dict, Optional, Tuple
 
 from flax import nnx
@@ -22,20 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvr_jax.models.dmae import l2_normalize
+from tvr_jax.models.dmae import l2_normalize, torch_linear_init
 
 TAU = 0.6
 DELTA = 0.6
 LN_EPS = 1e-5
-
-
-def _torch_linear_init(fan_in: int):
-  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default Linear weight initialisation."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
 
 
 class CrossModalWeightPredictor(nnx.Module):
@@ -55,12 +45,12 @@ class CrossModalWeightPredictor(nnx.Module):
     if dim % 2:
       raise ValueError(f"feature width must be even (hidden width D/2), got {dim}")
     self.num_queries, self.num_keys, self.dim = num_queries, num_keys, dim
-    self.qk_proj = nnx.Param(_torch_linear_init(num_queries)(rngs.params(), (num_keys, num_queries)))
+    self.qk_proj = nnx.Param(torch_linear_init(num_queries)(rngs.params(), (num_keys, num_queries)))
     self.norm_scale = nnx.Param(jnp.ones((num_keys, 2 * dim), jnp.float32))
     self.norm_bias = nnx.Param(jnp.zeros((num_keys, 2 * dim), jnp.float32))
     self.fc1 = nnx.Linear(2 * dim, dim // 2, use_bias=False,
-                          kernel_init=_torch_linear_init(2 * dim), rngs=rngs)
-    self.fc2 = nnx.Linear(dim // 2, 1, use_bias=False, kernel_init=_torch_linear_init(dim // 2),
+                          kernel_init=torch_linear_init(2 * dim), rngs=rngs)
+    self.fc2 = nnx.Linear(dim // 2, 1, use_bias=False, kernel_init=torch_linear_init(dim // 2),
                           rngs=rngs)
 
   def __call__(self, queries: jax.Array, keys: jax.Array) -> jax.Array:
@@ -186,8 +176,11 @@ def tpm_loss(sent: jax.Array, words: jax.Array, frames: jax.Array, video_mask: j
     visual_predictor: XWP with (N_q, N_k) = (1, Nv): b_i = XWP(s_i, F_i) (release `t2v_linear_xwp`).
     partial_type: 4 = T1+T2+T3 (default), 2 = T1+T2, 3 = T3, 0 = off.
     tau: masking threshold; delta: hinge margin.
-    header: temporal header applied to the masked visual tokens, `header(tokens, mask)`; None = meanP.
+    header: temporal header for the masked visual tokens, `header(tokens, mask)`; None = meanP.
     train_t2v_predictor: NOT the release: pass a straight-through gradient from F^p to b.
+
+  The text mask is not read: the release's TPM-CL reads only its first column (always 1), and
+  padded words take part in the word weights, t_g and t_g^p as they do there.
 
   Returns:
     (loss, dict with a, b, word_keep, vis_keep, tg, tgp, T1_x1 ... T3_x2, T1/T2/T3 hinge means).
