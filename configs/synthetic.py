@@ -37,7 +37,7 @@ def get_config(arg: str = ""):
   c.eval_batch_size = 128
   c.checkpoint_every = 200
   if arg == "test":
-    c.num_epochs = 3
+    c.num_epochs = 2
     c.progress_bar = False
     return c
   if arg in base.SHRINK_ARGS:

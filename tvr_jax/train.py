@@ -17,6 +17,7 @@ The train state is a plain dict of arrays (a pytree Orbax and `jax.jit` handle d
                    bookkeeping beyond this value
   first_nonfinite  int32 scalar, the first step whose loss or gradients were not finite (-1: none);
                    kept on device so checking it costs no per-step host sync
+  nonfinite_steps  int32 scalar, how many steps were not finite (skipped with nan_policy='skip')
 
 The model is rebuilt from its `nnx.GraphDef` inside the jitted step (`nnx.merge`), which keeps the
 step a plain `jax.jit` function with a donated state (cheaper per call than `nnx.jit`).
@@ -150,7 +151,7 @@ def build_dataset(config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
     logging.info("building dataset %r into %s", config.dataset, config.data_dir)
     summary = build_lib.build(config.dataset, None, config.data_dir, num_frames=config.num_frames,
-                              resolution=config.image_size, workers=max(config.num_workers, 1))
+                              resolution=config.image_size, workers=os.cpu_count() or 1)
     logging.info("%s", build_lib.format_summary(summary))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -288,7 +289,8 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   def assemble(params, rest):
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(config.seed)),
-             "first_nonfinite": jnp.full((), -1, jnp.int32)}
+             "first_nonfinite": jnp.full((), -1, jnp.int32),
+             "nonfinite_steps": jnp.zeros((), jnp.int32)}
     if has_rest:
       state["rest"] = rest
     return state
@@ -356,10 +358,12 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
       opt_state = keep(opt_state, state["opt_state"])
     first = jnp.where((state["first_nonfinite"] < 0) & ~finite, state["step"], state["first_nonfinite"])
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
-                     first_nonfinite=first.astype(jnp.int32))
+                     first_nonfinite=first.astype(jnp.int32),
+                     nonfinite_steps=state["nonfinite_steps"] + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
                "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-               "skipped": (~finite).astype(jnp.int32)}
+               "skipped": (~finite).astype(jnp.int32),
+               "nonfinite_steps_total": new_state["nonfinite_steps"]}
     for i, (pattern, schedule) in enumerate(schedules):
       metrics[f"lr/group{i}"] = schedule(state["step"])
     return new_state, metrics
@@ -450,13 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- logging ---------------------------------------------------------------------------------
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   logging.info("config:\n%s", config)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   check_inputs(config)
-  writer = _summary_writer(workdir)
 
   # ---- mesh ------------------------------------------------------------------------------------
   # One mesh for the whole run; the batch is split over ('data', 'fsdp'), parameters over 'fsdp'.
@@ -464,6 +463,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(config.batch_size, mesh)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:   # only once every check above has passed
+    with open(os.path.join(workdir, f"config_{config.mode}.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = _summary_writer(workdir)
 
   # ---- input -----------------------------------------------------------------------------------
   # Each process reads its own 1/process_count of every global batch; data_lib assembles global
@@ -518,44 +522,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t_log, step_log = time.perf_counter(), step
   logging.info("training steps %d..%d (%d per epoch, global batch %d)", step, total_steps,
                steps_per_epoch, config.batch_size)
-  with _Preemption() as preemption:
-    while step < total_steps:
-      batch = next(train_data)
-      state, metrics = train_step(state, batch)
-      step += 1
-      if progress is not None:
-        progress.update(1)
-      is_last = step == total_steps
-      if step % config.log_every == 0 or is_last:
-        _check_finite(state, config)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        metrics["clips_per_s"] = config.batch_size * (step - step_log) / max(now - t_log, 1e-9)
-        metrics["steps_per_s"] = (step - step_log) / max(now - t_log, 1e-9)
-        metrics["epoch"] = step / steps_per_epoch
-        t_log, step_log = now, step
-        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+  try:
+    with _Preemption() as preemption:
+      while step < total_steps:
+        batch = next(train_data)
+        state, metrics = train_step(state, batch)
+        step += 1
         if progress is not None:
-          progress.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{metrics['clips_per_s']:.1f}")
-        _write_scalars(writer, step, {f"train/{k}": v for k, v in metrics.items()})
-      eval_metrics = None
-      if is_last or (eval_every > 0 and step % eval_every == 0):
-        _check_finite(state, config)
-        eval_metrics = evaluator.run(state, step=step)
-        last_metrics = eval_metrics
-        t_log = time.perf_counter()  # evaluation time is not training throughput
-      preempted = preemption.any_process()
-      if is_last or preempted or step % config.checkpoint_every == 0:
-        _check_finite(state, config)   # never checkpoint a NaN state
-        ckpt.save(step, state, data_state=train_data.get_state(), metrics=eval_metrics,
-                  meta=setup.meta)
-      if preempted:
-        logging.warning("stopping at step %d after SIGTERM; resume with the same command", step)
-        break
-  if progress is not None:
-    progress.close()
-  ckpt.close()
-  if writer is not None:
-    writer.close()
+          progress.update(1)
+        is_last = step == total_steps
+        if step % config.log_every == 0 or is_last:
+          _check_finite(state, config)
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          metrics["clips_per_s"] = config.batch_size * (step - step_log) / max(now - t_log, 1e-9)
+          metrics["steps_per_s"] = (step - step_log) / max(now - t_log, 1e-9)
+          metrics["epoch"] = step / steps_per_epoch
+          t_log, step_log = now, step
+          logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+          if progress is not None:
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{metrics['clips_per_s']:.1f}")
+          _write_scalars(writer, step, {f"train/{k}": v for k, v in metrics.items()})
+        eval_metrics = None
+        if is_last or (eval_every > 0 and step % eval_every == 0):
+          _check_finite(state, config)
+          eval_metrics = evaluator.run(state, step=step)
+          last_metrics = eval_metrics
+          t_log = time.perf_counter()  # evaluation time is not training throughput
+        preempted = preemption.any_process()
+        if is_last or preempted or step % config.checkpoint_every == 0:
+          _check_finite(state, config)   # never checkpoint a NaN state
+          ckpt.save(step, state, data_state=train_data.get_state(), metrics=eval_metrics,
+                    meta=setup.meta)
+        if preempted:
+          logging.warning("stopping at step %d after SIGTERM; resume with the same command", step)
+          break
+  finally:
+    # Also on errors (NaN stop, KeyboardInterrupt): finish pending checkpoint writes, stop workers.
+    if progress is not None:
+      progress.close()
+    ckpt.close()
+    train_data.close()
+    if writer is not None:
+      writer.close()
   return last_metrics
 

@@ -1,0 +1,125 @@
+"""Tests for the entry point and bad input: unknown keys, missing data/CLIP, indivisible batch,
+refused gradient accumulation, checkpoints of another model size or corrupt, zero-shot evaluation."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, run_with_devices
+from train_test import main_command, small_synthetic_data, smoke_config  # noqa: F401 (fixture)
+
+sys.path.insert(0, REPO_ROOT)
+from configs import base, msvd  # noqa: E402
+from tvr_jax import checkpointing, train  # noqa: E402
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+
+
+def test_unknown_key_on_command_line(tmp_path):
+  proc = subprocess.run(main_command("smoke", tmp_path / "w", no_such_key=1), env=_env(),
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "no_such_key" in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_key_in_config_file_and_bad_values():
+  c = base.get_base_config()
+  c.unlock()
+  c.lerning_rate = 1.0
+  with pytest.raises(ValueError, match=r"unknown config key config\.lerning_rate"):
+    train.validate_config(c)
+  c = base.get_base_config()
+  c.optimizer.unlock()
+  c.optimizer.b3 = 0.5
+  with pytest.raises(ValueError, match=r"unknown config key config\.optimizer\.b3"):
+    train.validate_config(c)
+  c = base.get_base_config()
+  c.accum_steps = 4
+  with pytest.raises(ValueError, match="accum_steps=4 is not supported.*1/4 of the negatives"):
+    train.validate_config(c)
+  c = base.get_base_config()
+  c.nan_policy = "ignore"
+  with pytest.raises(ValueError, match="nan_policy='ignore'"):
+    train.validate_config(c)
+  with pytest.raises(ValueError, match="unknown config argument 'fast'"):
+    msvd.get_config("fast")
+
+
+def test_missing_clip_and_dataset_say_what_to_run(tmp_path):
+  c = msvd.get_config()
+  c.data_dir = str(tmp_path / "tfds")
+  c.init_from = str(tmp_path / "ViT-B-32")
+  with pytest.raises(FileNotFoundError, match=r"python -m tvr_jax.convert --src ViT-B-32.pt --out"):
+    train.check_inputs(c)
+  c.init_from = ""
+  with pytest.raises(FileNotFoundError,
+                     match=r"python -m data_prep.build msvd --manual_dir=.* --data_dir=.*tfds"):
+    train.check_inputs(c)
+  assert not (tmp_path / "tfds").exists()
+
+
+def test_batch_not_divisible_by_data_axis(small_synthetic_data, tmp_path):  # noqa: F811
+  out = run_with_devices(f"""
+    from configs import synthetic
+    from tvr_jax import train
+    c = synthetic.get_config("smoke")
+    c.data_dir, c.batch_size, c.progress_bar = {small_synthetic_data!r}, 8, False
+    try:
+      train.train_and_evaluate(c, {str(tmp_path / 'w')!r})
+    except ValueError as e:
+      print("ERROR:", e)
+  """, n_devices=3)
+  assert "config.batch_size=8 is not divisible by the 3 data-parallel shards" in out
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_checkpoint_of_other_model_or_corrupt_is_clear_error(small_synthetic_data, tmp_path):  # noqa: F811
+  workdir = str(tmp_path)
+  c = smoke_config(small_synthetic_data, num_train_steps=1, eval_max_examples=8)
+  train.train_and_evaluate(c, workdir)
+  step_dir = tmp_path / "checkpoints" / "1"
+  listing = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "checkpoints").rglob("*"))
+
+  # Another model size (tiny widths, 8 px patches instead of 16): refused, nothing written.
+  other = smoke_config(small_synthetic_data, num_train_steps=2, clip_preset="tiny")
+  with pytest.raises(checkpointing.CheckpointError, match=r"checkpoint .*checkpoints/1 "):
+    train.train_and_evaluate(other, workdir)
+  assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "checkpoints").rglob("*")) == listing
+
+  # Corrupt: the state item's array store is gone.
+  for p in (step_dir / "state").iterdir():
+    if p.name != "_METADATA":
+      shutil.rmtree(p) if p.is_dir() else p.unlink()
+  with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints/1 .*(corrupt|unreadable)"):
+    train.train_and_evaluate(smoke_config(small_synthetic_data, num_train_steps=2), workdir)
+  assert not (tmp_path / "checkpoints" / "2").exists()
+
+
+def test_zero_shot_eval_of_converted_clip(small_synthetic_data, tmp_path):  # noqa: F811
+  """--config.mode=eval --config.init_from=DIR evaluates a converted CLIP with no training."""
+  import jax
+  from flax import nnx
+  from tvr_jax.models import clip as clip_lib
+  config = clip_lib.CLIPConfig.preset("tiny", image_size=64, patch_size=16)
+  model = clip_lib.CLIP(config, rngs=nnx.Rngs(3))
+  clip_dir = tmp_path / "clip"
+  checkpointing.save_pytree(clip_dir / clip_lib.PARAMS_DIR,
+                            jax.tree.map(lambda x: x, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+  (clip_dir / clip_lib.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+  proc = subprocess.run(
+      main_command("smoke", tmp_path / "eval", data_dir=small_synthetic_data, mode="eval",
+                   init_from=clip_dir, eval_max_examples=8),
+      env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "eval" / "eval_step_0.json").read_text())
+  assert report["step"] == 0 and report["num_videos"] == 8
+  assert set(report["metrics"]) >= {"t2v/R@1", "v2t/R@1", "dsl/t2v/R@1"}
+  assert "t2v" in proc.stdout and "R@1" in proc.stdout   # the console table
+  assert not (tmp_path / "eval" / "checkpoints" / "0").exists()
