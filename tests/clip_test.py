@@ -67,7 +67,7 @@ def test_tiny_preset_shapes():
   assert logits_img.shape == (3, 2) and logits_txt.shape == (2, 3)
   assert model.logit_scale[...].shape == () and np.isclose(model.logit_scale[...], np.log(1 / 0.07))
   # Parameters float32, the tree mirrors OpenAI's names.
-  flat = clip_lib.flatten_params(nnx.state(model, nnx.Param).to_pure_dict())
+  flat = clip_lib.flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert {v.dtype for v in flat.values()} == {jnp.dtype("float32")}
   assert flat["visual/conv1/kernel"].shape == (8, 8, 3, 64)
   assert "transformer/resblocks/1/attn/q_proj/kernel" in flat
@@ -118,7 +118,7 @@ def test_bfloat16_close_to_float32(tiny_pair):
   _, conv = tiny_pair
   f32 = clip_lib.clip_from_flat_params(conv.config, conv.params)
   bf16 = clip_lib.clip_from_flat_params(conv.config.replace(dtype="bfloat16"), conv.params)
-  flat = clip_lib.flatten_params(nnx.state(bf16, nnx.Param).to_pure_dict())
+  flat = clip_lib.flatten_params(nnx.to_pure_dict(nnx.state(bf16, nnx.Param)))
   assert {v.dtype for v in flat.values()} == {jnp.dtype("float32")}  # parameters stay float32
   images = np.random.default_rng(2).standard_normal((2, 32, 32, 3)).astype(np.float32)
   ids = make_ids(3, 32, seed=2)
@@ -146,7 +146,8 @@ def test_remat_same_outputs_and_gradients(tiny_pair):
   lp, gp = value_and_grad(plain)
   lr, gr = value_and_grad(remat)
   np.testing.assert_allclose(lr, lp, rtol=1e-6)
-  gp, gr = clip_lib.flatten_params(gp.to_pure_dict()), clip_lib.flatten_params(gr.to_pure_dict())
+  gp = clip_lib.flatten_params(nnx.to_pure_dict(gp))
+  gr = clip_lib.flatten_params(nnx.to_pure_dict(gr))
   assert gp.keys() == gr.keys()
   for k in gp:
     np.testing.assert_allclose(gr[k], gp[k], rtol=1e-5, atol=1e-7, err_msg=k)

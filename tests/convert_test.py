@@ -171,7 +171,8 @@ def test_open_clip_parity(name, n_images, write, tmp_path):
     ref_logits = (model.logit_scale.exp() * img_n @ txt_n.T).numpy()
   with jax.default_matmul_precision("highest"):
     jimg = np.asarray(flax_model.encode_image(images.transpose(0, 2, 3, 1)))
-    jsent, jtok, jmask = (np.asarray(a) for a in flax_model.encode_text_tokens(ids.astype(np.int32)))
+    jsent, jtok, jmask = (np.asarray(a)
+                          for a in flax_model.encode_text_tokens(ids.astype(np.int32)))
     jlogits = np.asarray(flax_model(images.transpose(0, 2, 3, 1), ids.astype(np.int32))[0])
   errors = {"image": rel_err(jimg, ref_img), "text": rel_err(jsent, ref_txt),
             "tokens": rel_err(jtok, ref_tok), "logits": rel_err(jlogits, ref_logits)}

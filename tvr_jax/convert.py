@@ -7,13 +7,14 @@ Inputs (format detected from content, see `tvr_jax.torch_io`): OpenAI naming (`v
 `torch.save` state dicts (.pt/.bin, also open_clip's) or .safetensors; Hugging Face `CLIPModel`
 naming (`vision_model.encoder.layers.N.self_attn.q_proj.weight`, ...) as a model directory or a bare
 .safetensors / .bin file. Sizes are inferred from tensor shapes as OpenAI's `build_model` does
-(heads = width // 64 unless a Hugging Face config.json or --vision-heads/--text-heads says otherwise).
+(heads = width // 64 unless a Hugging Face config.json or --vision-heads/--text-heads say
+otherwise).
 
 Layout changes: linear weights transpose to `[in, out]`, the fused `in_proj` splits into q/k/v,
-conv OIHW becomes HWIO, LayerNorm weight becomes `scale`. Every source key must be consumed and every
-target parameter filled exactly once, with the right shape; anything else is an error naming the
-key. The output (`DIR/clip_config.json`, `DIR/params/`) is written to a temporary sibling and renamed
-into place, so a failure leaves no partial `DIR`.
+conv OIHW becomes HWIO, LayerNorm weight becomes `scale`. Every source key must be consumed and
+every target parameter filled exactly once, with the right shape; anything else is an error naming
+the key. The output (`DIR/clip_config.json`, `DIR/params/`) is written to a temporary sibling and
+renamed into place, so a failure leaves no partial `DIR`.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def infer_openai_config(tensors, source: str, vision_heads=None, text_heads=None
   return CLIPConfig(
       embed_dim=_shape(tensors, "text_projection", source, 2)[1],
       image_size=patch * grid, patch_size=patch, vision_width=vision_width,
-      vision_layers=_count_layers(tensors, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight$"),
+      vision_layers=_count_layers(
+          tensors, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight$"),
       vision_heads=_heads(vision_width, vision_heads),
       context_length=_shape(tensors, "positional_embedding", source, 2)[0],
       vocab_size=_shape(tensors, "token_embedding.weight", source, 2)[0],

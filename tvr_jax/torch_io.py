@@ -5,7 +5,8 @@ Supported inputs (`read_checkpoint` detects which):
 - TorchScript archives (OpenAI's released `ViT-B-32.pt`): `ARCHIVE/data.pkl` pickles the module
   tree as `__torch__.*` objects; `ARCHIVE/code/` declares each class's `__parameters__` and
   `__buffers__`. Classes become inert placeholder objects; the state dict is rebuilt from the
-  declarations (read as text, never run). `torch.jit.load` is never used: it runs the archive's code.
+  declarations (read as text, never run). `torch.jit.load` is never used: it runs the archive's
+  code.
 - Legacy (pre-1.6, non-zip) `torch.save` pickles.
 - `.safetensors` files (through `safetensors.numpy`).
 - Hugging Face model directories (`config.json` + `model.safetensors` / `pytorch_model.bin`, or
@@ -330,7 +331,7 @@ def _torchscript_declarations(code: dict[str, str], code_root: str) -> dict[str,
 
 
 def _walk_torchscript(obj: TorchScriptObject, prefix: str, decls, out: dict, source: str):
-  """Collects declared parameters/buffers of `obj` and its submodules into `out` (state-dict keys)."""
+  """Collects declared parameters/buffers of `obj` and its submodules into `out` by state key."""
   if obj.qualname not in decls:
     raise CheckpointError(f"{source}: TorchScript class {obj.qualname} has no declaration in the "
                           f"archive's code/ folder")

@@ -98,7 +98,7 @@ class CLIPConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
-    """Builds a config from `to_dict` output; keys that are not fields (e.g. `source`) are ignored."""
+    """Builds a config from `to_dict` output, ignoring non-field keys (e.g. `source`)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -352,7 +352,7 @@ class CLIP(nnx.Module):
     return self.encode_text_tokens(ids)[0]
 
   def __call__(self, images: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """CLIP logits: (image->text [N_img, N_txt], text->image [N_txt, N_img]), as OpenAI's forward."""
+    """CLIP logits (image->text [N_img, N_txt], text->image [N_txt, N_img]), as OpenAI's."""
     img = self.encode_image(images).astype(jnp.float32)
     txt = self.encode_text(ids).astype(jnp.float32)
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
@@ -394,14 +394,14 @@ def param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
 def _param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
   abstract = nnx.eval_shape(lambda: CLIP(config, nnx.Rngs(0)))
   return {k: tuple(v.shape) for k, v in
-          flatten_params(nnx.state(abstract, nnx.Param).to_pure_dict()).items()}
+          flatten_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items()}
 
 
 def clip_from_flat_params(config: CLIPConfig, flat: dict[str, Any], what: str = "params") -> CLIP:
   """Builds a CLIP and fills every parameter from `flat` (exact key set and shapes required)."""
   model = nnx.eval_shape(lambda: CLIP(config, nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
-  target = flatten_params(state.to_pure_dict())
+  target = flatten_params(nnx.to_pure_dict(state))
   missing = sorted(set(target) - set(flat))
   extra = sorted(set(flat) - set(target))
   if missing or extra:
@@ -416,7 +416,7 @@ def clip_from_flat_params(config: CLIPConfig, flat: dict[str, Any], what: str = 
     key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     return jnp.asarray(flat[key], jnp.float32)
 
-  pure = jax.tree_util.tree_map_with_path(fill, state.to_pure_dict())
+  pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
   return model
