@@ -394,6 +394,11 @@ def test_existing_output_and_failed_overwrite(tiny_state_dict, tmp_path, capsys)
   model = clip_lib.load_clip(out)
   np.testing.assert_array_equal(np.asarray(model.ln_final.bias[...]),
                                 tiny_state_dict["ln_final.bias"].numpy())
+  # load_clip: clear errors for a directory that is not a conversion, or sizes that do not fit.
+  with pytest.raises(FileNotFoundError, match="clip_config.json"):
+    clip_lib.load_clip(tmp_path)
+  with pytest.raises(ValueError, match="visual/positional_embedding has shape"):
+    clip_lib.load_clip(out, image_size=64)
 
 
 def test_checkpointing_round_trip_and_atomic(tmp_path):
