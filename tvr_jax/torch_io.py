@@ -206,8 +206,7 @@ def _unpickle(data: bytes | io.BufferedIOBase, source: str, torchscript: bool = 
     raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {e})") from e
 
 
-def _materialise(obj: Any, get_storage: Callable[[_StorageRef], np.ndarray], source: str,
-                 _seen=None) -> Any:
+def _materialise(obj: Any, get_storage: Callable[[_StorageRef], np.ndarray], source: str) -> Any:
   """Replaces every `_TensorRef` inside dicts/lists/tuples/placeholders by a numpy array."""
   if isinstance(obj, _TensorRef):
     return _tensor_from_storage(obj, get_storage(obj.storage), source)
@@ -278,19 +277,17 @@ def _read_zip(path: str) -> Checkpoint:
     torchscript = any(n.startswith(prefix + "code/") for n in names)
     cache: dict[str, np.ndarray] = {}
 
-    def getter(folder: str):
-      def get(ref: _StorageRef) -> np.ndarray:
-        name = f"{prefix}{folder}/{ref.key}"
-        if name not in cache:
-          try:
-            raw = zf.read(name)
-          except KeyError as e:
-            raise CheckpointError(f"{path}: storage entry {name} is missing") from e
-          except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise CheckpointError(f"{path}: cannot read {name} ({e}); truncated file?") from e
-          cache[name] = _storage_array(raw, ref, path, name, byteorder)
-        return cache[name]
-      return get
+    def get_storage(ref: _StorageRef) -> np.ndarray:
+      name = f"{prefix}data/{ref.key}"
+      if name not in cache:  # storages shared by several tensors are read once
+        try:
+          raw = zf.read(name)
+        except KeyError as e:
+          raise CheckpointError(f"{path}: storage entry {name} is missing") from e
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+          raise CheckpointError(f"{path}: cannot read {name} ({e}); truncated file?") from e
+        cache[name] = _storage_array(raw, ref, path, name, byteorder)
+      return cache[name]
 
     def read(name: str) -> bytes:
       try:
@@ -299,7 +296,7 @@ def _read_zip(path: str) -> Checkpoint:
         raise CheckpointError(f"{path}: cannot read {name} ({e}); truncated file?") from e
 
     root = _unpickle(read(prefix + "data.pkl"), f"{path}:{prefix}data.pkl", torchscript)
-    root = _materialise(root, getter("data"), path)
+    root = _materialise(root, get_storage, path)
     if not torchscript:
       return Checkpoint(path, "torch-zip", _state_dict_from_object(root, path))
     declarations = _torchscript_declarations(
