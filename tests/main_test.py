@@ -25,7 +25,7 @@ def test_unknown_key_on_command_line(tmp_path):
   proc = subprocess.run(main_command("smoke", tmp_path / "w", no_such_key=1), env=_env(),
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert "no_such_key" in proc.stderr
+  assert "unknown config key 'no_such_key' in --config.no_such_key=1" in proc.stderr
   assert not (tmp_path / "w").exists()
 
 

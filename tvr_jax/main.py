@@ -82,5 +82,20 @@ def main(argv):
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line error for a bad `--config.key=value` override."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:   # ml_collections: the key does not exist
+    key = str(e).strip("\"'")
+    bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+    sys.stderr.write(f"error: unknown config key {key!r} in {bad[0] if bad else argv[1:]}; the keys "
+                     "are those of configs/base.py (and the chosen config file)\n")
+    sys.exit(2)
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
