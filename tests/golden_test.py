@@ -94,8 +94,9 @@ def compute_case(data, prefix: str, dtype=jnp.float32):
             "dnegnce_sym_dS": jax.grad(losses.negnce_symmetric)(sim),
             "hardneg": losses.hard_negative_mask(sim).astype(jnp.int8)}
 
-  for variant in VARIANTS:
-    sim = jax.jit(similarity, static_argnums=(0, 4))(variant, s_ref, w_raw, f_raw, True)
+  # One compiled function for all 8 variants (compiling each separately costs more than running).
+  all_sims = jax.jit(lambda s, w, f: {v: similarity(v, s, w, f, True) for v in VARIANTS})
+  for variant, sim in all_sims(s_ref, w_raw, f_raw).items():
     preds[f"S_{variant}"] = sim
     for name, value in contrastive(sim).items():
       preds[f"{name}_{variant}"] = value
@@ -116,8 +117,8 @@ def compute_case(data, prefix: str, dtype=jnp.float32):
     return tpmcl.tpm_loss(s, w, f, m_v, nnx.merge(graph_w, pw), nnx.merge(graph_v, pv),
                           partial_type=partial_type)
 
-  for partial_type in (2, 3, 4):
-    loss, out = jax.jit(tpm, static_argnums=5)(s_ref, w_n, f_n, params_w, params_v, partial_type)
+  all_types = jax.jit(lambda *a: {t: tpm(*a, t) for t in (2, 3, 4)})
+  for partial_type, (loss, out) in sorted(all_types(s_ref, w_n, f_n, params_w, params_v).items()):
     preds[f"tpm/loss_type{partial_type}"] = loss
   for k in ("a", "b", "tg", "tgp") + tuple(f"T{i}_x{j}" for i in (1, 2, 3) for j in (1, 2)):
     preds[f"tpm/{k}"] = out[k]

@@ -92,8 +92,15 @@ def test_forward_matches_pieces_and_compiles_once():
   assert forward._cache_size() == 1
 
 
-def test_seqtransf_model_initialised_from_text_blocks():
-  model = _model(header="seqTransf", contrastive_loss="infonce", partial_type=2)
+@pytest.fixture(scope="module")
+def seq_model():
+  """seqTransf + wti + InfoNCE + TPM type 2: one model for the tests that only read it."""
+  return _model(header="seqTransf", contrastive_loss="infonce", partial_type=2,
+                token_weights=True)
+
+
+def test_seqtransf_model_initialised_from_text_blocks(seq_model):
+  model = seq_model
   np.testing.assert_array_equal(model.header.frame_position_embeddings[...],
                                 model.clip.positional_embedding[...])
   for i, block in enumerate(model.header.resblocks):
@@ -103,6 +110,21 @@ def test_seqtransf_model_initialised_from_text_blocks():
   total, terms = jax.jit(lambda m, b: m.loss(b))(model, _batch(5))
   assert set(terms) == {"infonce", "tpm", "tpm/T1", "tpm/T2"}
   np.testing.assert_allclose(total, terms["infonce"] + terms["tpm"], rtol=1e-6)
+
+
+def test_new_module_names_follow_the_weight_decay_rules(seq_model):
+  """Norms, biases, embeddings of the new modules are named so that no decay applies (SPEC §6)."""
+  from tvr_jax import optimizer, sharding
+  mask = optimizer.decay_mask(nnx.state(seq_model, nnx.Param))
+  decayed = {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+             if not sharding.path_str(p).startswith("clip/")}
+  assert not decayed["header/frame_position_embeddings"]
+  for name in ("word_predictor", "visual_predictor"):
+    assert not decayed[f"{name}/norm/scale"] and not decayed[f"{name}/norm/bias"]
+    assert decayed[f"{name}/qk_proj"] and decayed[f"{name}/fc1/kernel"]
+  assert not decayed["token_weights/text_fc/bias"] and decayed["token_weights/text_fc/kernel"]
+  assert not decayed["header/resblocks/0/ln_1/scale"]
+  assert decayed["header/resblocks/0/mlp/c_fc/kernel"]
 
 
 def test_partial_off_has_no_predictors_and_plain_infonce():

@@ -56,8 +56,8 @@ def _predictors(seed=0, spread=6.0):
   vp = tpmcl.CrossModalWeightPredictor(1, NV, D, rngs=rngs)
   for mod in (wp, vp):  # spread the weights so that masking has something to choose
     mod.fc2.kernel.set_value(mod.fc2.kernel[...] * spread)
-    mod.norm_scale.set_value(mod.norm_scale[...] + 0.2 * jax.random.normal(
-        jax.random.key(seed), mod.norm_scale[...].shape))
+    mod.norm.scale.set_value(mod.norm.scale[...] + 0.2 * jax.random.normal(
+        jax.random.key(seed), mod.norm.scale[...].shape))
   return wp, vp
 
 

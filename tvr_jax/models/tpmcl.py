@@ -28,6 +28,25 @@ DELTA = 0.6
 LN_EPS = 1e-5
 
 
+class SlabLayerNorm(nnx.Module):
+  """LayerNorm over a whole [N, C] slab per sample (one mean, one biased variance), eps 1e-5,
+  with elementwise affine parameters of shape [N, C] (release `attn_proj.0`).
+
+  A module of its own so that its leaves read `.../norm/scale` and `.../norm/bias`, the names the
+  optimizer's no-weight-decay rules recognise.
+  """
+
+  def __init__(self, num: int, channels: int):
+    self.scale = nnx.Param(jnp.ones((num, channels), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num, channels), jnp.float32))
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    """h [B, N, C] -> [B, N, C]."""
+    mean = jnp.mean(h, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=(1, 2), keepdims=True)
+    return (h - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale[...] + self.bias[...]
+
+
 class CrossModalWeightPredictor(nnx.Module):
   """XWP(Q, K): weights of the N_k key tokens given N_q query tokens of the other modality.
 
@@ -46,8 +65,7 @@ class CrossModalWeightPredictor(nnx.Module):
       raise ValueError(f"feature width must be even (hidden width D/2), got {dim}")
     self.num_queries, self.num_keys, self.dim = num_queries, num_keys, dim
     self.qk_proj = nnx.Param(torch_linear_init(num_queries)(rngs.params(), (num_keys, num_queries)))
-    self.norm_scale = nnx.Param(jnp.ones((num_keys, 2 * dim), jnp.float32))
-    self.norm_bias = nnx.Param(jnp.zeros((num_keys, 2 * dim), jnp.float32))
+    self.norm = SlabLayerNorm(num_keys, 2 * dim)
     self.fc1 = nnx.Linear(2 * dim, dim // 2, use_bias=False,
                           kernel_init=torch_linear_init(2 * dim), rngs=rngs)
     self.fc2 = nnx.Linear(dim // 2, 1, use_bias=False, kernel_init=torch_linear_init(dim // 2),
@@ -61,10 +79,7 @@ class CrossModalWeightPredictor(nnx.Module):
           f"weight predictor built for queries [*, {self.num_queries}, {self.dim}] and keys "
           f"[*, {self.num_keys}, {self.dim}], got {queries.shape} and {keys.shape}")
     mixed = jnp.einsum("kq,bqd->bkd", self.qk_proj[...], queries)
-    h = jnp.concatenate([mixed, keys], axis=-1)  # [B, N_k, 2D]
-    mean = jnp.mean(h, axis=(1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(h - mean), axis=(1, 2), keepdims=True)
-    h = (h - mean) * jax.lax.rsqrt(var + LN_EPS) * self.norm_scale[...] + self.norm_bias[...]
+    h = self.norm(jnp.concatenate([mixed, keys], axis=-1))  # [B, N_k, 2D]
     u = jax.nn.sigmoid(self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))[..., 0])
     return u / jnp.sum(u, axis=-1, keepdims=True)
 
@@ -73,8 +88,8 @@ class CrossModalWeightPredictor(nnx.Module):
 # `q_proj` / `k_proj` exist there but are bypassed (query and key widths equal D).
 _TORCH_NAMES = {
     "qk_proj.weight": (("qk_proj",), False),
-    "attn_proj.0.weight": (("norm_scale",), False),
-    "attn_proj.0.bias": (("norm_bias",), False),
+    "attn_proj.0.weight": (("norm", "scale"), False),
+    "attn_proj.0.bias": (("norm", "bias"), False),
     "attn_proj.1.weight": (("fc1", "kernel"), True),
     "attn_proj.3.weight": (("fc2", "kernel"), True),
 }
