@@ -58,15 +58,17 @@ class SearchResult:
 def _chunked_top_k(query: jax.Array, chunks: jax.Array, bias: jax.Array, k: int):
   """Exact top-k of query [Q, D] against chunks [C, n, D] (bias [C, n]: 0 or -inf for padding).
 
-  Each chunk keeps its own top-k (`lax.map`, so only one [Q, n] score block is live), then the
-  C*k candidates are reduced to the global top-k. Returns (scores [Q, k], flat indices [Q, k]).
+  Each chunk keeps its own top-min(k, n) (`lax.map`, so only one [Q, n] score block is live),
+  then the candidates are reduced to the global top-k (k <= number of real rows).
+  Returns (scores [Q, k], flat indices [Q, k]).
   """
   n = chunks.shape[1]
+  kc = min(k, n)
 
   def one(args):
     c, b = args
     s = query @ c.T + b[None]
-    return jax.lax.top_k(s, k)
+    return jax.lax.top_k(s, kc)
 
   vals, idx = jax.lax.map(one, (chunks, bias))                     # [C, Q, k]
   offs = (jnp.arange(chunks.shape[0], dtype=jnp.int32) * n)[:, None, None]
@@ -97,9 +99,8 @@ class PooledIndex:
     k = min(int(k), self.size)
     if k == 0:
       return np.zeros((len(query), 0), np.float32), np.zeros((len(query), 0), np.int64)
-    kk = min(k, self.chunk)   # per-chunk k cannot exceed the chunk
-    vals, idx = _chunked_top_k(jnp.asarray(query, jnp.float32), self.chunks, self.bias, kk)
-    return np.asarray(vals)[:, :k], np.asarray(idx)[:, :k].astype(np.int64)
+    vals, idx = _chunked_top_k(jnp.asarray(query, jnp.float32), self.chunks, self.bias, k)
+    return np.asarray(vals), np.asarray(idx).astype(np.int64)
 
 
 @jax.jit
