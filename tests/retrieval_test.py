@@ -170,3 +170,24 @@ def test_keyword_mask_and_config_errors():
   with pytest.raises(ValueError, match="partial_type"):
     RetrievalConfig(partial_type=1)
   assert RetrievalConfig.from_dict(RetrievalConfig().to_dict()) == RetrievalConfig()
+
+
+def test_from_pretrained_uses_the_converted_clip(seq_model, tmp_path):
+  """A converted checkpoint directory (clip_config.json + Orbax params) initialises the model."""
+  import json
+  from tvr_jax import checkpointing
+  from tvr_jax.models import clip as clip_lib
+  clip = seq_model.clip
+  with open(tmp_path / clip_lib.CONFIG_FILE, "w") as f:
+    json.dump(clip.config.to_dict(), f)
+  checkpointing.save_pytree(str(tmp_path / clip_lib.PARAMS_DIR),
+                            nnx.to_pure_dict(nnx.state(clip, nnx.Param)))
+  model = RetrievalModel.from_pretrained(seq_model.config, str(tmp_path), rngs=nnx.Rngs(5))
+  want = dict(nnx.to_flat_state(nnx.state(clip, nnx.Param)))
+  got = nnx.to_flat_state(nnx.state(model.clip, nnx.Param))
+  assert len(got) == len(want)
+  for path, leaf in got:
+    np.testing.assert_array_equal(leaf[...], want[path][...], err_msg=str(path))
+  # seqTransf starts from the loaded CLIP's text blocks.
+  np.testing.assert_array_equal(model.header.resblocks[3].mlp.c_fc.kernel[...],
+                                clip.transformer.resblocks[3].mlp.c_fc.kernel[...])
