@@ -10,19 +10,16 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, run_with_devices
-from train_test import main_command, small_synthetic_data, smoke_config  # noqa: F401 (fixture)
+from train_test import main_command, small_synthetic_data, smoke_config, subprocess_env  # noqa: F401
 
 sys.path.insert(0, REPO_ROOT)
 from configs import base, msvd  # noqa: E402
 from tvr_jax import checkpointing, train  # noqa: E402
 
 
-def _env():
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-
-
 def test_unknown_key_on_command_line(tmp_path):
-  proc = subprocess.run(main_command("smoke", tmp_path / "w", no_such_key=1), env=_env(),
+  proc = subprocess.run(main_command("smoke", tmp_path / "w", no_such_key=1),
+                        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "unknown config key 'no_such_key' in --config.no_such_key=1" in proc.stderr
@@ -116,7 +113,7 @@ def test_zero_shot_eval_of_converted_clip(small_synthetic_data, tmp_path):  # no
   proc = subprocess.run(
       main_command("smoke", tmp_path / "eval", data_dir=small_synthetic_data, mode="eval",
                    init_from=clip_dir, eval_max_examples=8),
-      env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+      env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "eval" / "eval_step_0.json").read_text())
   assert report["step"] == 0 and report["num_videos"] == 8

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from conftest import REPO_ROOT
-from train_test import main_command, small_synthetic_data  # noqa: F401 (fixture)
+from train_test import main_command, small_synthetic_data, subprocess_env  # noqa: F401
 
 WORKER = r"""
 import json, sys
@@ -64,15 +64,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)   # one CPU device per process
-  return env
-
-
-def _run(args, n_proc):
+def _run(args, n_proc, data_dir):
   """Starts `n_proc` processes with `args(pid)`; returns their outputs (fails on any error)."""
-  procs = [subprocess.Popen(args(pid), env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+  env = subprocess_env(data_dir)
+  env.pop("XLA_FLAGS", None)   # one CPU device per process
+  procs = [subprocess.Popen(args(pid), env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for pid in range(n_proc)]
   outs = []
   for p in procs:
@@ -90,9 +86,9 @@ def _run(args, n_proc):
 def test_two_processes_equal_one(small_synthetic_data, tmp_path):  # noqa: F811
   port = _free_port()
   two = _run(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data, str(tmp_path / "two.npz"),
-                          "2", str(pid), str(port)], 2)
+                          "2", str(pid), str(port)], 2, small_synthetic_data)
   one = _run(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data, str(tmp_path / "one.npz"),
-                          "1", "0", "0"], 1)
+                          "1", "0", "0"], 1, small_synthetic_data)
   info2, info1 = json.loads(two[0][0].strip().splitlines()[-1]), json.loads(one[0][0].strip().splitlines()[-1])
   assert info2["devices"] == 2 and info2["processes"] == 2 and info1["devices"] == 1
   np.testing.assert_allclose(info2["losses"], info1["losses"], rtol=1e-5)
@@ -113,7 +109,7 @@ def test_main_in_two_processes(small_synthetic_data, tmp_path):  # noqa: F811
     return main_command("smoke", workdir, **flags) + [
         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
 
-  outs = _run(args, 2)
+  outs = _run(args, 2, small_synthetic_data)
   assert "process 0 of 2" in outs[0][1] and "process 1 of 2" in outs[1][1]
   report = json.loads((workdir / "eval_step_2.json").read_text())
   assert report["num_videos"] == 8 and "t2v/R@1" in report["metrics"]

@@ -64,8 +64,11 @@ def main_command(config_arg, workdir, **overrides):
   return cmd
 
 
-def _env():
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+def subprocess_env(data_dir):
+  """Environment of the `python -m tvr_jax.main` subprocesses: CPU, and a persistent compilation
+  cache beside the session's data so runs of the same config compile once."""
+  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(data_dir), "jit_cache"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,26 +163,26 @@ def _read_final(workdir, step):
 
 def test_sigkill_and_resume_is_bit_identical(small_synthetic_data, tmp_path):
   """Kill -9 mid-run, rerun the same command: same parameters, optimizer state and metrics."""
-  steps = 12
-  flags = dict(data_dir=small_synthetic_data, num_train_steps=steps, checkpoint_every=3,
+  steps = 40   # enough steps after the kill point that the run cannot finish before the kill
+  flags = dict(data_dir=small_synthetic_data, num_train_steps=steps, checkpoint_every=4,
                eval_max_examples=16, progress_bar=False)
   ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-  ref = subprocess.Popen(main_command("smoke", ref_dir, **flags), env=_env(), cwd=REPO_ROOT,
+  ref = subprocess.Popen(main_command("smoke", ref_dir, **flags), env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  proc = subprocess.Popen(main_command("smoke", run_dir, **flags), env=_env(), cwd=REPO_ROOT,
+  proc = subprocess.Popen(main_command("smoke", run_dir, **flags), env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_dir = run_dir / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if ckpt_dir.is_dir() and any(n.isdigit() and int(n) >= 6 for n in os.listdir(ckpt_dir)):
+    if ckpt_dir.is_dir() and any(n.isdigit() and int(n) >= 8 for n in os.listdir(ckpt_dir)):
       break
-    time.sleep(0.05)
+    time.sleep(0.01)
   assert proc.poll() is None, "the run finished before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   assert killed_at and max(killed_at) < steps
-  resumed = subprocess.run(main_command("smoke", run_dir, **flags), env=_env(), cwd=REPO_ROOT,
+  resumed = subprocess.run(main_command("smoke", run_dir, **flags), env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"restoring checkpoint {ckpt_dir}/{max(killed_at)}" in resumed.stderr
