@@ -2,6 +2,7 @@
 loops, text and video queries on rendered videos (planted encoder), end to end with a real tiny
 model (CLI), and refusal of another model."""
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -182,3 +183,38 @@ def test_end_to_end_real_tiny_model(tmp_path, capsys):
   other = save_tiny_training_checkpoint(str(tmp_path / "run2"), seed=3)
   assert search_cli.main(["--index", out, "--checkpoint", other, "red"]) == 1
   assert "was built with model" in capsys.readouterr().err
+
+
+def test_load_model_layouts(tmp_path):
+  """A step directory loads the same model as its work directory; a converted CLIP directory gives
+  a zero-shot model; anything else is a clear ModelLoadError."""
+  from flax import nnx
+  from tvr_jax import checkpointing
+  from tvr_jax.models import clip as clip_lib
+  from tvr_jax.video_search import model as model_lib
+  run = save_tiny_training_checkpoint(str(tmp_path / "run"))
+  a = model_lib.load_retrieval_model(run)
+  b = model_lib.load_retrieval_model(os.path.join(run, "checkpoints", "1"))
+  assert a.model_id == b.model_id and a.frame_options.num_frames == 8
+  clip = clip_lib.CLIP(clip_lib.CLIPConfig.preset("tiny"), rngs=nnx.Rngs(0))
+  clip_dir = tmp_path / "clip"
+  clip_dir.mkdir()
+  (clip_dir / clip_lib.CONFIG_FILE).write_text(json.dumps(clip.config.to_dict()))
+  params = nnx.to_pure_dict(nnx.state(clip, nnx.Param))
+  checkpointing.save_pytree(str(clip_dir / clip_lib.PARAMS_DIR),
+                            clip_lib.unflatten_params(clip_lib.flatten_params(params)))
+  zs = model_lib.load_retrieval_model(str(clip_dir))
+  assert (zs.frame_options.num_frames, zs.frame_options.resolution) == (12, 32)
+  assert zs.model_id != a.model_id
+  d = str(tmp_path / "videos")
+  make_video_folder(d, CLIPS[:2])
+  out = str(tmp_path / "index")
+  index_lib.build_index(zs, d, out, progress=False)
+  searcher = retrieve.Searcher(index_lib.SearchIndex.load(out), zs)
+  vid = index_lib.video_id("green_square.mp4")
+  assert searcher.search_video(vid, 2).hits[0].id == vid
+  assert len(searcher.search_text("a green square", 2).hits) == 2
+  with pytest.raises(model_lib.ModelLoadError, match="neither a training work directory"):
+    model_lib.load_retrieval_model(d)
+  with pytest.raises(model_lib.ModelLoadError, match="does not exist"):
+    model_lib.load_retrieval_model(str(tmp_path / "nothing"))
