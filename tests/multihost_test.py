@@ -64,12 +64,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(args, n_proc, data_dir):
-  """Starts `n_proc` processes with `args(pid)`; returns their outputs (fails on any error)."""
+def _start(args, n_proc, data_dir):
   env = subprocess_env(data_dir)
   env.pop("XLA_FLAGS", None)   # one CPU device per process
-  procs = [subprocess.Popen(args(pid), env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for pid in range(n_proc)]
+  return [subprocess.Popen(args(pid), env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for pid in range(n_proc)]
+
+
+def _wait(procs):
+  """Outputs of started processes (fails the test on any error or timeout)."""
   outs = []
   for p in procs:
     try:
@@ -83,12 +86,19 @@ def _run(args, n_proc, data_dir):
   return outs
 
 
+def _run(args, n_proc, data_dir):
+  """Runs `n_proc` processes with `args(pid)`; returns their outputs."""
+  return _wait(_start(args, n_proc, data_dir))
+
+
 def test_two_processes_equal_one(small_synthetic_data, tmp_path):  # noqa: F811
   port = _free_port()
-  two = _run(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data, str(tmp_path / "two.npz"),
-                          "2", str(pid), str(port)], 2, small_synthetic_data)
-  one = _run(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data, str(tmp_path / "one.npz"),
-                          "1", "0", "0"], 1, small_synthetic_data)
+  # All three processes at once: XLA compiles on one core per process.
+  two = _start(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data,
+                            str(tmp_path / "two.npz"), "2", str(pid), str(port)], 2, small_synthetic_data)
+  one = _start(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data,
+                            str(tmp_path / "one.npz"), "1", "0", "0"], 1, small_synthetic_data)
+  two, one = _wait(two), _wait(one)
   info2, info1 = json.loads(two[0][0].strip().splitlines()[-1]), json.loads(one[0][0].strip().splitlines()[-1])
   assert info2["devices"] == 2 and info2["processes"] == 2 and info1["devices"] == 1
   np.testing.assert_allclose(info2["losses"], info1["losses"], rtol=1e-5)

@@ -192,7 +192,7 @@ class TrainCheckpointManager:
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = "t2v/R@1",
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     """Opens (creating if needed) the checkpoint directory.
 
     Args:
@@ -201,6 +201,8 @@ class TrainCheckpointManager:
       best_metric: metric name (as passed to `save(metrics=...)`) whose highest value is kept too;
         None keeps only the latest.
       async_save: write in a background thread (training continues; `close` waits).
+      read_only: only read (evaluation): creates, deletes and cleans up nothing, so it is safe
+        beside a training run that is writing into the same directory.
     """
     self.directory = os.path.abspath(os.fspath(directory))
     self.best_metric = best_metric
@@ -214,8 +216,8 @@ class TrainCheckpointManager:
         best_fn=best_fn, best_mode="max",   # only so that Orbax writes the metrics to disk
         enable_async_checkpointing=async_save,
         preservation_policy=_ocp_managers.AnyPreservationPolicy(policies),
-        cleanup_tmp_directories=True,   # remove what a killed save left behind
-        create=True)
+        cleanup_tmp_directories=not read_only,   # remove what a killed save left behind
+        create=not read_only, read_only=read_only)
     # Handlers declared up front so a fresh process can read metadata before its first save.
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,

@@ -487,13 +487,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                "\n".join(sharding.describe(state["params"]).splitlines()[:20]))
 
   # ---- checkpoint: resume if the workdir has one -------------------------------------------------
-  ckpt = checkpointing.TrainCheckpointManager(
-      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-      best_metric=config.best_metric, async_save=config.async_checkpoints)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restore_step = ckpt.latest_step()
+  # Evaluation opens checkpoints read-only: it may run beside the training that writes them.
+  ckpt_dir, restore_step = os.path.join(workdir, "checkpoints"), None
   if config.mode == "eval" and config.eval_checkpoint:
-    restore_step = int(os.path.basename(os.path.normpath(config.eval_checkpoint)))
+    ckpt_dir, name = os.path.split(os.path.normpath(os.path.abspath(config.eval_checkpoint)))
+    if not name.isdigit() or not os.path.isdir(config.eval_checkpoint):
+      raise FileNotFoundError(f"config.eval_checkpoint={config.eval_checkpoint!r} is not a checkpoint "
+                              "step directory (expected WORKDIR/checkpoints/<step>)")
+    restore_step = int(name)
+  if config.mode == "eval" and not os.path.isdir(ckpt_dir):
+    ckpt = None
+  else:
+    ckpt = checkpointing.TrainCheckpointManager(
+        ckpt_dir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+        async_save=config.async_checkpoints, read_only=config.mode == "eval")
+    if restore_step is None:
+      restore_step = ckpt.latest_step()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   if restore_step is not None:
     logging.info("restoring checkpoint %s", ckpt.step_dir(restore_step))
     state, data_state, _ = ckpt.restore(restore_step, abstract, setup.meta)
@@ -505,7 +515,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      workdir=workdir, writer=writer)
   if config.mode == "eval":
     metrics = evaluator.run(state, step=int(jax.device_get(state["step"])))
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
+    if writer is not None:
+      writer.close()
     return metrics
 
   # ---- update step -------------------------------------------------------------------------------
