@@ -72,13 +72,13 @@ def subprocess_env(data_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-def test_sharded_step_equals_single_device():
+def test_sharded_step_equals_single_device(tmp_path):
   """8 devices (batch over data=2 x fsdp=4, parameters FSDP over 4) == 1 device, one step.
 
   The objective is InfoNCE + TPM-CL over the global batch (see the code for why not NegNCE); Adam's
   epsilon is raised so that the first update is linear in the gradient instead of +-lr.
   """
-  out = run_with_devices("""
+  out = run_with_devices(f"""
     import json, jax, numpy as np
     from configs import synthetic
     from tvr_jax import sharding, train
@@ -99,37 +99,37 @@ def test_sharded_step_equals_single_device():
     ids[:, 0] = 49406
     ids[:, 1:6] = rng.integers(1, 5000, (8, 5))
     ids[:, 6] = 49407
-    batch = {"frames": rng.integers(0, 256, (8, 4, 32, 32, 3), dtype=np.uint8),
+    batch = {{"frames": rng.integers(0, 256, (8, 4, 32, 32, 3), dtype=np.uint8),
              "frame_mask": np.array([[1, 1, 1, 1]] * 6 + [[1, 1, 0, 0]] * 2, np.int32),
-             "text_ids": ids}
-    results = {}
-    for name, mesh_cfg, devices in [("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
-                                    ("eight", {"data": 2, "fsdp": 4}, jax.devices())]:
+             "text_ids": ids}}
+    results = {{}}
+    for name, mesh_cfg, devices in [("one", {{"data": 1, "fsdp": 1}}, jax.devices()[:1]),
+                                    ("eight", {{"data": 2, "fsdp": 4}}, jax.devices())]:
       mesh = sharding.make_mesh(mesh_cfg, devices=devices)
       state, setup = train.create_train_state(c, mesh, total_steps=10)
       if name == "one":
-        np.savez("/tmp/_tvr_step_init.npz", **{jax.tree_util.keystr(p): np.asarray(x) for p, x in
-                                             jax.tree_util.tree_leaves_with_path(state["params"])})
+        np.savez({str(tmp_path / "init.npz")!r}, **{{jax.tree_util.keystr(p): np.asarray(x) for p, x in
+                                             jax.tree_util.tree_leaves_with_path(state["params"])}})
       step = train.make_train_step(setup, mesh)
-      b = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+      b = {{k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}}
       losses = []
       for _ in range(1):
         state, m = step(state, b)
         losses.append(float(m["loss"]))
       specs = [str(x.sharding.spec) for x in jax.tree.leaves(state["params"])]
-      flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
-              jax.tree_util.tree_leaves_with_path(state["params"])}
-      np.savez(f"/tmp/_tvr_step_{name}.npz", **flat)
-      results[name] = {"losses": losses, "fsdp_leaves": sum("fsdp" in s for s in specs),
-                       "n_devices": len(jax.tree.leaves(state["params"])[0].sharding.device_set)}
+      flat = {{jax.tree_util.keystr(p): np.asarray(x) for p, x in
+              jax.tree_util.tree_leaves_with_path(state["params"])}}
+      np.savez({str(tmp_path)!r} + f"/{{name}}.npz", **flat)
+      results[name] = {{"losses": losses, "fsdp_leaves": sum("fsdp" in s for s in specs),
+                       "n_devices": len(jax.tree.leaves(state["params"])[0].sharding.device_set)}}
     print(json.dumps(results))
   """)
   res = json.loads(out.strip().splitlines()[-1])
   assert res["eight"]["fsdp_leaves"] > 10 and res["one"]["fsdp_leaves"] == 0
   assert res["eight"]["n_devices"] == 8
   np.testing.assert_allclose(res["eight"]["losses"], res["one"]["losses"], rtol=1e-5)
-  init = np.load("/tmp/_tvr_step_init.npz")
-  one, eight = np.load("/tmp/_tvr_step_one.npz"), np.load("/tmp/_tvr_step_eight.npz")
+  init = np.load(tmp_path / "init.npz")
+  one, eight = np.load(tmp_path / "one.npz"), np.load(tmp_path / "eight.npz")
   assert one.files == eight.files == init.files
   flat = lambda d: np.concatenate([d[k].ravel().astype(np.float64) for k in one.files])  # noqa: E731
   p0, p1, p8 = flat(init), flat(one), flat(eight)
