@@ -1,45 +1,117 @@
-r"""Train-step throughput: steps/s, clips/s and TFLOP/s (XLA's cost analysis of the compiled step).
+r"""Train-step throughput: steps/s, clips/s, TFLOP/s and the JAX/PyTorch time ratio.
 
-  python benchmarks/train_step.py --quick                 # tiny CLIP, 64 px, 8 frames: CPU, < 5 min
-  python benchmarks/train_step.py                          # ViT-B/32, 12 frames at 224, L=32, batch 128
-  python benchmarks/train_step.py --batch_size=64 --dtype=bfloat16 --remat --mesh_fsdp=1
+  python benchmarks/train_step.py --quick       # CPU, < 5 min: ViT-B/32, 12 x 224 px, batch 4, f32
+  python benchmarks/train_step.py --tiny        # smoke test (tiny CLIP, 64 px), seconds
+  python benchmarks/train_step.py               # GPU: ViT-B/32 and B/16 x {DMAE, meanP} x {f32,
+                                                #   bf16} x {remat off, on}, batch 128, + max batch
+  python benchmarks/train_step.py --clips ViT-B/16 --heads dmae --dtypes bfloat16 \
+      --attention_impl cudnn --batch_size 128 --max_batch
 
-Random weights and random uint8 frames (throughput does not depend on their values); the step is the
-real `tvr_jax.train.make_train_step` (DMAE + NegNCE + TPM-CL, AdamW, clipping) on the global batch,
-sharded over all local devices as the config's mesh says.
+Rows ("head"):
+  dmae      the real `tvr_jax.train.make_train_step` with the paper's model: DMAE similarity,
+            NegNCE, TPM-CL (T1+T2+T3), AdamW with two lr groups, clipping, finiteness checks.
+  meanP     the same step and optimizer on a CLIP4Clip meanP model: similarity =
+            cos(sentence, L2-normalised masked mean of the L2-normalised frame features), symmetric
+            InfoNCE (scale 100), no TPM-CL. (DMAE with both attentions off is NOT this: it gives
+            0.5 * (max_f <s, v_f> + mean_f <s, v_f>), so the baseline overrides the similarity.)
+  torch     `benchmarks/torch_reference.py`: open_clip towers, CLIP4Clip meanP, InfoNCE, AdamW,
+            float32, torch threads = cores. Timed only where torch sees the device the JAX rows
+            run on (CPU here; the pinned torch is a CPU build, so GPU runs show no torch row).
+
+FLOPs: "model GFLOP" is counted analytically (matmuls and attention of both towers, forward x 3 for
+forward + backward; the DMAE head, losses and optimizer are < 0.5% and left out) and is what
+TFLOP/s and MFU use, so rematerialisation does not inflate them. "XLA GFLOP" is the compiled
+program's cost analysis (whole step incl. recomputation; custom calls such as cuDNN attention count
+as 0). MFU = model TFLOP/s / the card's dense bf16 peak (table PEAK_BF16_TFLOPS).
+Random weights and random uint8 frames: throughput does not depend on their values. Warm-up steps
+are excluded and the median of --repeats steps is reported; compile time is reported apart.
 """
 
+from __future__ import annotations
+
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from configs import base  # noqa: E402
 from tvr_jax import sharding, train  # noqa: E402
+from tvr_jax.models import clip as clip_lib  # noqa: E402
+from tvr_jax.models import dmae, retrieval  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by `device_kind` substring.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0,
+                    "V100": 125.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0}
+HEADS = ("dmae", "meanP")
 
 
-def make_config(args):
-  """The run config of the benchmark (from configs/base.py plus the flags)."""
+class MeanPRetrieval(retrieval.RetrievalModel):
+  """CLIP4Clip meanP similarity on the same towers: cos(sentence, normalised mean frame feature)."""
+
+  def similarity(self, text_feats, video_feats):
+    """S [Bt, Bv] = <sentence, l2norm(masked mean of frame tokens)> (features already unit)."""
+    sent = text_feats[0]
+    tokens, vmask = video_feats
+    m = vmask.astype(tokens.dtype)[..., None]
+    video = dmae.l2_normalize(jnp.sum(tokens * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0))
+    return sent @ video.T
+
+
+def _meanp_model_fn(config, load_weights: bool = True):
+  base_model = train.build_model(config, load_weights=load_weights)
+  return MeanPRetrieval(base_model.config, base_model.clip, rngs=nnx.Rngs(config.seed + 1))
+
+
+def make_config(clip: str, image_size: int, frames: int, words: int, batch: int, head: str,
+                dtype: str, remat: bool, attention_impl: str = "", mesh_fsdp: int = 1):
+  """The run config of one benchmark row (configs/base.py, from scratch, plus the row's choices)."""
   c = base.get_base_config()
   c.init_from = ""
-  if args.quick:
-    c.clip_preset, c.image_size, c.num_frames, c.max_words = "tiny-64", 64, 8, 24
-    c.batch_size = args.batch_size or 64
-  else:
-    c.clip_preset, c.image_size, c.num_frames, c.max_words = args.clip, 224, args.frames, 32
-    c.batch_size = args.batch_size or 128
-  c.dtype, c.remat = args.dtype, args.remat
-  c.mesh = {"data": -1, "fsdp": args.mesh_fsdp}
+  c.clip_preset, c.image_size, c.num_frames, c.max_words = clip, image_size, frames, words
+  c.batch_size, c.dtype, c.remat, c.attention_impl = batch, dtype, remat, attention_impl
+  c.mesh = {"data": -1, "fsdp": mesh_fsdp}
+  if head == "meanP":
+    c.model.textual_attention = c.model.visual_attention = False
+    c.model.partial_type, c.model.contrastive_loss = 0, "infonce"
+  elif head != "dmae":
+    raise ValueError(f"unknown head {head!r}; known: {HEADS}")
   return c
 
 
+def clip_config(c) -> clip_lib.CLIPConfig:
+  """The CLIPConfig `train.build_model` builds for run config `c` (for the FLOP count)."""
+  if c.clip_preset == "tiny-64":
+    return clip_lib.CLIPConfig.preset("tiny", image_size=64, patch_size=16)
+  return clip_lib.CLIPConfig.preset(c.clip_preset, image_size=c.image_size)
+
+
+def tower_flops(cc: clip_lib.CLIPConfig, batch: int, frames: int, words: int) -> float:
+  """Forward + backward FLOPs (3 x forward) of both CLIP towers on one batch (matmuls only).
+
+  Per transformer layer over T tokens of width W: 24 T W^2 (q, k, v, out and the 4x MLP) plus
+  4 T^2 W (scores and weighted sum); patch embedding 2 T_p (3 p^2) W; projections 2 W D.
+  """
+  def layers(t, w, n):
+    return n * (24 * t * w * w + 4 * t * t * w)
+  tp = cc.grid_size ** 2
+  image = (2 * tp * 3 * cc.patch_size ** 2 * cc.vision_width
+           + layers(tp + 1, cc.vision_width, cc.vision_layers) + 2 * cc.vision_width * cc.embed_dim)
+  text = layers(words, cc.text_width, cc.text_layers) + 2 * cc.text_width * cc.embed_dim
+  return 3.0 * (batch * frames * image + batch * text)
+
+
 def random_batch(c, mesh):
-  """A global batch of random uint8 frames, full frame masks and valid token ids."""
+  """A global batch of random uint8 frames, full frame masks and valid token ids, on the mesh."""
   rng = np.random.default_rng(0)
   b, f, r, l = c.batch_size, c.num_frames, c.image_size, c.max_words
   ids = np.zeros((b, l), np.int32)
@@ -52,55 +124,198 @@ def random_batch(c, mesh):
   return {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="tiny model (CPU)")
-  p.add_argument("--clip", default="ViT-B/32")
-  p.add_argument("--frames", type=int, default=12)
-  p.add_argument("--batch_size", type=int, default=0)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--mesh_fsdp", type=int, default=1)
-  p.add_argument("--steps", type=int, default=0, help="timed steps (default 20 quick, 10 full)")
-  args = p.parse_args()
-  c = make_config(args)
-  steps = args.steps or (20 if args.quick else 10)
-  mesh = sharding.make_mesh(c.mesh.to_dict())
+def _compile(c, mesh, head):
   sharding.check_batch_size(c.batch_size, mesh)
-  state, setup = train.create_train_state(c, mesh, total_steps=1000)
+  model_fn = _meanp_model_fn if head == "meanP" else None
+  state, setup = train.create_train_state(c, mesh, total_steps=1000, model_fn=model_fn)
   step = train.make_train_step(setup, mesh)
   batch = random_batch(c, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  return state, batch, compiled, time.perf_counter() - t0
+
+
+def _step_bytes(compiled) -> float:
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def device_memory_bytes() -> float:
+  """Memory of one accelerator (`bytes_limit`), NaN where JAX does not report it (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats.get("bytes_limit", float("nan")))
+
+
+def max_batch_estimate(c, mesh, head, bytes_at_b: float) -> int:
+  """Largest per-device batch that fits, from XLA's memory analysis at batch B and 2B (affine fit).
+
+  Compiles (does not run) the step at 2B; memory is affine in the batch. Rounded down to a
+  multiple of 8. Returns -1 where the device memory is unknown (CPU).
+  """
+  limit = device_memory_bytes()
+  if not np.isfinite(limit):
+    return -1
+  c2 = c.copy_and_resolve_references()
+  c2.batch_size = 2 * c.batch_size
+  state, batch, compiled, _ = _compile(c2, mesh, head)
+  bytes_2b = _step_bytes(compiled)
+  del state, batch, compiled
+  per_clip = (bytes_2b - bytes_at_b) / c.batch_size
+  fixed = bytes_at_b - per_clip * c.batch_size
+  per_device = int((0.95 * limit - fixed) / per_clip) * mesh.size // jax.device_count()
+  return max(0, per_device // 8 * 8)
+
+
+def run_jax(c, mesh, head: str, repeats: int, warmup: int, max_batch: bool) -> dict:
+  """Compiles and times one row; returns its figures."""
+  state, batch, compiled, compile_s = _compile(c, mesh, head)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  state, m = compiled(state, batch)   # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready((state["step"], m["loss"]))
-    times.append(time.perf_counter() - t)
-  t_med = float(np.median(times))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  rows = [
-      ("device", f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"),
-      ("mesh", str(dict(mesh.shape))),
-      ("model", f"{c.clip_preset}, {n_params / 1e6:.1f}M params, {c.dtype}, remat={c.remat}"),
-      ("batch", f"{c.batch_size} clips x {c.num_frames} frames x {c.image_size}px, L={c.max_words}"),
-      ("compile s", f"{compile_s:.1f}"),
-      ("step s (median)", f"{t_med:.4f}  (min {min(times):.4f}, max {max(times):.4f}, n={steps})"),
-      ("steps/s", f"{1 / t_med:.2f}"),
-      ("clips/s", f"{c.batch_size / t_med:.1f}"),
-      ("GFLOP/step", f"{flops / 1e9:.1f}  (XLA cost analysis, whole step)"),
-      ("TFLOP/s", f"{flops / t_med / 1e12:.3f}  (total over {jax.device_count()} devices)"),
-      ("loss", f"{float(m['loss']):.4f}"),
-  ]
-  width = max(len(k) for k, _ in rows)
-  print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  step_bytes = _step_bytes(compiled)
+  holder = {"state": state}
+
+  def one():
+    holder["state"], m = compiled(holder["state"], batch)
+    return holder["state"]["step"], m["loss"]
+
+  t = common.time_calls(one, repeats, warmup, sync=jax.block_until_ready)
+  loss = float(jax.device_get(one()[1]))
+  del holder, batch, compiled
+  flops = tower_flops(clip_config(c), c.batch_size, c.num_frames, c.max_words)
+  t.update(compile_s=compile_s, xla_flops=xla_flops, model_flops=flops, loss=loss,
+           step_bytes=step_bytes,
+           max_batch=max_batch_estimate(c, mesh, head, step_bytes) if max_batch else -1)
+  return t
+
+
+def peak_bf16_tflops() -> float:
+  """The device's dense bf16 peak from PEAK_BF16_TFLOPS (NaN on CPU or an unknown card)."""
+  kind = jax.devices()[0].device_kind
+  if jax.default_backend() == "cpu":
+    return float("nan")
+  for k, v in PEAK_BF16_TFLOPS.items():
+    if k.lower() in kind.lower():
+      return v * jax.device_count()
+  return float("nan")
+
+
+def run_torch(clip: str, batch: int, frames: int, image_size: int, words: int, repeats: int,
+              warmup: int) -> dict:
+  """Times the PyTorch reference step in a subprocess (no thread-pool interference with XLA)."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
+  cmd = [sys.executable, script, "--clip", clip, "--batch_size", str(batch), "--frames",
+         str(frames), "--image_size", str(image_size), "--max_words", str(words), "--repeats",
+         str(repeats), "--warmup", str(warmup), "--json"]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("json: ")]
+  if out.returncode or not lines:
+    raise RuntimeError(f"torch reference failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
+  return json.loads(lines[-1][len("json: "):])
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true",
+                 help="CPU: ViT-B/32, 12 frames, batch 4, float32, DMAE + meanP + torch")
+  p.add_argument("--tiny", action="store_true", help="smoke test: tiny CLIP at 64 px, 8 frames")
+  p.add_argument("--clips", default="ViT-B/32,ViT-B/16")
+  p.add_argument("--heads", default="dmae,meanP")
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--remats", default="false,true")
+  p.add_argument("--frames", type=int, default=12)
+  p.add_argument("--max_words", type=int, default=32)
+  p.add_argument("--batch_size", type=int, default=0, help="global batch (default 128; 4 quick)")
+  p.add_argument("--attention_impl", default="", choices=["", "xla", "cudnn"],
+                 help="cudnn applies to bfloat16 rows only (cuDNN refuses float32)")
+  p.add_argument("--mesh_fsdp", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=0, help="timed steps (default 3 quick, 10 full)")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--torch", default="auto", choices=["auto", "on", "off"],
+                 help="time the PyTorch reference (auto: when JAX runs on the CPU)")
+  p.add_argument("--max_batch", action="store_true",
+                 help="estimate the largest batch per device (accelerators; one more compile)")
+  args = p.parse_args(argv)
+  if args.quick or args.tiny:
+    args.clips, args.dtypes, args.remats = "ViT-B/32", "float32", "false"
+    args.batch_size = args.batch_size or 4
+    args.repeats = args.repeats or 3
+  if args.tiny:
+    args.clips, args.frames, args.max_words = "tiny-64", 8, 24
+    args.repeats = 2
+  args.batch_size = args.batch_size or 128
+  args.repeats = args.repeats or 10
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": args.mesh_fsdp})
+  peak = peak_bf16_tflops()
+  rows, torch_rows = [], {}
+  want_torch = args.torch == "on" or (args.torch == "auto" and jax.default_backend() == "cpu")
+  clips = args.clips.split(",")
+  for clip in clips:
+    image_size = 64 if clip == "tiny-64" else 224
+    if want_torch:
+      t = run_torch("tiny" if clip == "tiny-64" else clip, args.batch_size, args.frames,
+                    image_size, args.max_words, args.repeats, args.warmup)
+      torch_rows[clip] = t
+      print(f"[{clip}] torch meanP f32: {t['median']:.3f} s/step ({t['threads']} threads)",
+            flush=True)
+    for head in args.heads.split(","):
+      for dtype in args.dtypes.split(","):
+        for remat in (r.strip().lower() in ("1", "true", "on") for r in args.remats.split(",")):
+          attn = args.attention_impl if (args.attention_impl != "cudnn" or dtype == "bfloat16") else ""
+          c = make_config(clip, image_size, args.frames, args.max_words, args.batch_size, head,
+                          dtype, remat, attn, args.mesh_fsdp)
+          r = run_jax(c, mesh, head, args.repeats, args.warmup, args.max_batch)
+          r.update(clip=clip, head=head, dtype=dtype, remat=remat, attn=attn or "default")
+          rows.append(r)
+          print(f"[{clip}] jax {head} {dtype} remat={remat}: {r['median']:.3f} s/step "
+                f"(compile {r['compile_s']:.1f} s)", flush=True)
+  print(f"\nmachine: {common.machine()}; jax {jax.__version__} ({jax.default_backend()}); "
+        f"{common.today()}")
+  print(f"shapes: batch {args.batch_size} clips x {args.frames} frames x 224px (64 for tiny), "
+        f"L={args.max_words}; median of {args.repeats} steps after {args.warmup} warm-up")
+  header = ["model", "head", "dtype", "remat", "attn", "compile s", "step s", "steps/s", "clips/s",
+            "model GFLOP", "XLA GFLOP", "TFLOP/s", "MFU", "max batch/dev", "torch s", "JAX/torch"]
+  table = []
+  for r in rows:
+    tflops = r["model_flops"] / r["median"] / 1e12
+    tr = torch_rows.get(r["clip"])
+    table.append([r["clip"], r["head"], r["dtype"], r["remat"], r["attn"], f"{r['compile_s']:.1f}",
+                  f"{r['median']:.3f}", f"{1 / r['median']:.3f}",
+                  f"{args.batch_size / r['median']:.2f}", f"{r['model_flops'] / 1e9:.0f}",
+                  f"{r['xla_flops'] / 1e9:.0f}", f"{tflops:.3f}",
+                  f"{100 * tflops / peak:.1f}%" if np.isfinite(peak) else "-",
+                  r["max_batch"] if r["max_batch"] >= 0 else "-",
+                  f"{tr['median']:.3f}" if tr else "-",
+                  f"{r['median'] / tr['median']:.2f}" if tr else "-"])
+  for clip, tr in torch_rows.items():
+    cc = clip_config(make_config(clip, 64 if clip == "tiny-64" else 224, args.frames,
+                                 args.max_words, args.batch_size, "meanP", "float32", False))
+    fl = tower_flops(cc, args.batch_size, args.frames, args.max_words)
+    table.append([clip, "torch meanP", "float32", False, "sdpa", "-", f"{tr['median']:.3f}",
+                  f"{1 / tr['median']:.3f}", f"{args.batch_size / tr['median']:.2f}",
+                  f"{fl / 1e9:.0f}", "-", f"{fl / tr['median'] / 1e12:.3f}", "-", "-",
+                  f"{tr['median']:.3f}", "1.00"])
+  common.print_table(header, table)
+  parts = []
+  for r in rows:
+    tr = torch_rows.get(r["clip"])
+    s = (f"{r['clip']} {r['head']} {r['dtype']}{' remat' if r['remat'] else ''} "
+         f"{1 / r['median']:.3f} steps/s")
+    if tr:
+      s += f" (JAX/torch {r['median'] / tr['median']:.2f})"
+    if np.isfinite(peak):
+      s += f" MFU {100 * r['model_flops'] / r['median'] / 1e12 / peak:.1f}%"
+    parts.append(s)
+  print("summary: " + "; ".join(parts))
+  return rows, torch_rows
 
 
 if __name__ == "__main__":
