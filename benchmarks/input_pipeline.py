@@ -94,6 +94,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workers", default="0,2,4", help="comma-separated worker counts")
   parser.add_argument("--work_dir", default=None, help="where to build (default: a temp dir)")
   parser.add_argument("--cache_root", default=None, help="frame cache root (default /dev/shm)")
+  parser.add_argument("--step_rate", type=float, default=0.0,
+                      help="train steps/s at this batch (benchmarks/train_step.py): prints which limits")
   args = parser.parse_args(argv)
   if args.quick:
     args.videos, args.batches, args.workers = 192, 3, "0,2"
@@ -135,6 +137,11 @@ def main(argv=None) -> int:
         f"{ref:.0f}); a 16-core host decoding JPEGs gives ~{16 * per_core_natural / per_batch:.1f} "
         f"batches/s of {args.batch}x12x224^2 (bound by the slower of the two); with the frame "
         f"cache {cached / per_batch:.1f} batches/s measured here on {os.cpu_count()} cores")
+  if args.step_rate > 0:
+    best = max(r["batches_s"] for r in rows if r["R"] == 224)
+    print(f"vs step: pipeline {best:.2f} batches/s (best 224 px row, {os.cpu_count()} cores) vs "
+          f"train step {args.step_rate:.2f} steps/s -> "
+          f"{'the input pipeline' if best < args.step_rate else 'the train step'} limits")
   return 0
 
 
