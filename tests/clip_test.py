@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import import_open_clip
+from conftest import import_open_clip, make_ids
 from flax import nnx
 
 from tvr_jax import convert, torch_io
@@ -12,16 +12,6 @@ from tvr_jax.models import clip as clip_lib
 from tvr_jax.models.clip import CLIP, CLIPConfig, ResidualAttentionBlock
 
 
-def make_ids(n: int, length: int, seed: int) -> np.ndarray:
-  """SOT, random BPE ids, EOT (49407, the largest id), zero padding."""
-  rng = np.random.default_rng(seed)
-  ids = np.zeros((n, length), np.int32)
-  for i in range(n):
-    k = int(rng.integers(1, length - 1))
-    ids[i, 0] = 49406
-    ids[i, 1:k + 1] = rng.integers(1, 49406, k)
-    ids[i, k + 1] = 49407
-  return ids
 
 
 def rel_err(got, want) -> float:

@@ -14,6 +14,7 @@ import textwrap
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,3 +60,15 @@ def run_with_devices(code: str, n_devices: int = 8, timeout: int = 600, env=None
     pytest.fail(f"subprocess failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
                 f"{proc.stderr[-8000:]}")
   return proc.stdout
+
+
+def make_ids(n: int, length: int, seed: int, dtype=np.int32) -> np.ndarray:
+  """OpenAI-style token ids: SOT, random BPE ids, EOT (49407, the largest id), zero padding."""
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((n, length), dtype)
+  for i in range(n):
+    k = int(rng.integers(1, length - 1))
+    ids[i, 0] = 49406
+    ids[i, 1:k + 1] = rng.integers(1, 49406, k)
+    ids[i, k + 1] = 49407
+  return ids

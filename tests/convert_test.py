@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import import_open_clip
+from conftest import import_open_clip, make_ids
 
 from tvr_jax import checkpointing, convert, torch_io
 from tvr_jax.models import clip as clip_lib
@@ -41,16 +41,6 @@ def rel_err(got, want) -> float:
   return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def make_ids(n: int, length: int, seed: int) -> np.ndarray:
-  """OpenAI-style ids: SOT, random BPE ids, EOT (the largest id), zero padding."""
-  rng = np.random.default_rng(seed)
-  ids = np.zeros((n, length), np.int64)
-  for i in range(n):
-    k = int(rng.integers(1, length - 1))
-    ids[i, 0] = 49406
-    ids[i, 1:k + 1] = rng.integers(1, 49406, k)
-    ids[i, k + 1] = 49407
-  return ids
 
 
 def state_dict_np(model) -> dict[str, np.ndarray]:
@@ -166,7 +156,7 @@ def test_open_clip_parity(name, n_images, write, tmp_path):
     flax_model = clip_lib.clip_from_flat_params(conv.config, conv.params)
   rng = np.random.default_rng(1)
   images = rng.standard_normal((n_images, 3, 224, 224)).astype(np.float32)
-  ids = make_ids(3, 77, seed=2)
+  ids = make_ids(3, 77, seed=2, dtype=np.int64)
   with torch.no_grad():
     ti, tt = torch.from_numpy(images), torch.from_numpy(ids)
     ref_img = model.encode_image(ti).numpy()
@@ -242,7 +232,7 @@ def test_hf_parity(tmp_path):
 
   flax_model = clip_lib.load_clip(out)
   images = np.random.default_rng(1).standard_normal((2, 3, 48, 48)).astype(np.float32)
-  ids = make_ids(3, 77, seed=3)
+  ids = make_ids(3, 77, seed=3, dtype=np.int64)
   with torch.no_grad():
     ti, tt = torch.from_numpy(images), torch.from_numpy(ids)
     vis = model.vision_model(pixel_values=ti)
