@@ -171,3 +171,37 @@ def test_block_masks_match_torch(tiny_pair):
   assert rel_err(got_causal_explicit, ref_causal.numpy()) <= 1e-5
   # The padding actually matters.
   assert rel_err(block(x), ref_pad.numpy()) > 1e-3
+
+
+def test_first_token_only_block_equals_full_block_at_position_0(tiny_pair):
+  """The vision tower's last-block shortcut: same class-token output, with and without masks."""
+  _, conv = tiny_pair
+  block = clip_lib.clip_from_flat_params(conv.config, conv.params).visual.transformer.resblocks[1]
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((3, 6, 64)).astype(np.float32)
+  valid = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], np.int32)
+  with jax.default_matmul_precision("highest"):
+    for kwargs in ({}, {"key_padding_mask": valid},
+                   {"attn_mask": (rng.random((3, 6, 6)) > 0.3) | np.eye(6, dtype=bool)}):
+      full = block(x, **kwargs)
+      first = block(x, first_token_only=True, **kwargs)
+      assert first.shape == (3, 1, 64)
+      np.testing.assert_allclose(first[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+  # Position 0 does depend on the other positions (they are its keys and values).
+  x2 = x.copy()
+  x2[:, 3] += rng.standard_normal((3, 64)).astype(np.float32)  # not a constant: LN removes that
+  assert np.abs(np.asarray(block(x2, first_token_only=True) - block(x, first_token_only=True))
+                ).max() > 1e-3
+  with pytest.raises(ValueError, match="causal"):
+    block(x, causal=True, first_token_only=True)
+
+
+def test_patch_matmul_equals_conv1(tiny_pair):
+  """`_embed_patches` (flattened patches @ kernel) = the VALID stride-p convolution it replaces."""
+  _, conv = tiny_pair
+  visual = clip_lib.clip_from_flat_params(conv.config, conv.params).visual
+  images = np.random.default_rng(6).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(visual.conv1(images)).reshape(2, -1, 64)
+    got = np.asarray(visual._embed_patches(jnp.asarray(images)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -141,6 +141,18 @@ class LayerNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
+def _rows(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+  """Applies `layer` to x [..., W] as one [rows, W] matmul.
+
+  Why 2-D: with [B, T, W] operands, XLA:CPU (jax 0.10) lays out the weight-gradient dots so that
+  they read transposed copies of the residual stream's cotangent, and fuses the elementwise
+  cotangent chain of every later block into each copy; a ViT-B/32 backward pass took ~1.6x as
+  long (docs/performance.md). On 2-D operands the dots read the cotangent as it lies. Same
+  numbers on every backend.
+  """
+  return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 def _linear(din: int, dout: int, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, precision=None,
                     kernel_init=nnx.initializers.normal(std),
@@ -159,15 +171,21 @@ class MultiHeadAttention(nnx.Module):
     self.v_proj = _linear(width, width, attn_std, dtype, rngs)
     self.out_proj = _linear(width, width, proj_std, dtype, rngs)
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
-               is_causal: bool = False) -> jax.Array:
-    """x [B, T, W]; mask bool broadcastable to [B, heads, T, T] (True = may attend)."""
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False,
+               queries: jax.Array | None = None) -> jax.Array:
+    """Self-attention of x [B, T, W] -> [B, Q, W].
+
+    mask: bool broadcastable to [B, heads, Q, T] (True = may attend). queries: [B, Q, W], the
+    positions whose outputs are wanted (default x itself, Q = T); keys and values are always x.
+    """
     b, t, w = x.shape
-    split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
+    queries = x if queries is None else queries
+    split = lambda y: y.reshape(b, -1, self.heads, w // self.heads)
     out = jax.nn.dot_product_attention(
-        split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask=mask,
-        is_causal=is_causal, implementation=self.attention_impl)
-    return self.out_proj(out.reshape(b, t, w))
+        split(_rows(self.q_proj, queries)), split(_rows(self.k_proj, x)),
+        split(_rows(self.v_proj, x)), mask=mask, is_causal=is_causal,
+        implementation=self.attention_impl)
+    return _rows(self.out_proj, out.reshape(b, -1, w))
 
 
 class MLP(nnx.Module):
@@ -178,7 +196,7 @@ class MLP(nnx.Module):
     self.c_proj = _linear(4 * width, width, proj_std, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.c_proj(quick_gelu(self.c_fc(x)))
+    return _rows(self.c_proj, quick_gelu(_rows(self.c_fc, x)))
 
 
 class ResidualAttentionBlock(nnx.Module):
@@ -201,7 +219,8 @@ class ResidualAttentionBlock(nnx.Module):
     self.mlp = MLP(width, fc_std=fc_std, proj_std=proj_std, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, attn_mask: jax.Array | None = None,
-               key_padding_mask: jax.Array | None = None, *, causal: bool = False) -> jax.Array:
+               key_padding_mask: jax.Array | None = None, *, causal: bool = False,
+               first_token_only: bool = False) -> jax.Array:
     """Applies the block.
 
     Args:
@@ -209,12 +228,23 @@ class ResidualAttentionBlock(nnx.Module):
       attn_mask: optional bool [T, T] or [B, T, T] (True = query may attend to key).
       key_padding_mask: optional [B, T], nonzero = real token; padded keys are not attended.
       causal: add a causal (lower-triangular) mask.
+      first_token_only: compute only position 0's output (every position still serves as key
+        and value). The vision tower's last block needs no more: only the class token is read.
 
     Returns:
-      [B, T, W] in x's dtype.
+      [B, T, W] in x's dtype ([B, 1, W] with `first_token_only`).
     """
     mask = _combine_masks(attn_mask, key_padding_mask)
-    x = x + self.attn(self.ln_1(x), mask=mask, is_causal=causal)
+    h = self.ln_1(x)
+    if first_token_only:
+      if causal:
+        raise ValueError("first_token_only is for bidirectional attention (causal=False)")
+      x, queries = x[:, :1], h[:, :1]
+      if mask is not None and mask.shape[-2] != 1:
+        mask = mask[..., :1, :]
+    else:
+      queries = None
+    x = x + self.attn(h, mask=mask, is_causal=causal, queries=queries)
     return x + self.mlp(self.ln_2(x))
 
 
@@ -241,14 +271,18 @@ class Transformer(nnx.Module):
                                rngs=rngs) for _ in range(layers)])
 
   def __call__(self, x: jax.Array, attn_mask=None, key_padding_mask=None, *,
-               causal: bool = False) -> jax.Array:
-    """x [B, T, W] -> [B, T, W]; masks as in `ResidualAttentionBlock.__call__`."""
-    def apply(block, y, m, k):
-      return block(y, m, k, causal=causal)
+               causal: bool = False, first_token_only: bool = False) -> jax.Array:
+    """x [B, T, W] -> [B, T, W] ([B, 1, W] with `first_token_only`, applied to the last block).
+
+    Masks as in `ResidualAttentionBlock.__call__`.
+    """
+    def apply(block, y, m, k, first):
+      return block(y, m, k, causal=causal, first_token_only=first)
     if self.remat:
-      apply = nnx.remat(apply)
-    for block in self.resblocks:
-      x = apply(block, x, attn_mask, key_padding_mask)
+      apply = nnx.remat(apply, static_argnums=(4,))
+    last = len(self.resblocks) - 1
+    for i, block in enumerate(self.resblocks):
+      x = apply(block, x, attn_mask, key_padding_mask, first_token_only and i == last)
     return x
 
 
@@ -279,15 +313,26 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"expected images [N, {c.image_size}, {c.image_size}, 3] (NHWC), got "
                        f"{images.shape}")
     dtype = c.compute_dtype
-    x = self.conv1(images.astype(dtype))                       # [N, g, g, W]
+    x = self._embed_patches(images.astype(dtype))              # [N, g*g, W], row-major patches
     n = x.shape[0]
-    x = x.reshape(n, -1, c.vision_width)                       # row-major patches, as PyTorch
     cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (n, 1, c.vision_width))
     x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(dtype)
     x = self.ln_pre(x)
-    x = self.transformer(x)
+    x = self.transformer(x, first_token_only=True)   # [N, 1, W]: only the class token is read
     x = self.ln_post(x[:, 0])
     return x @ self.proj[...].astype(dtype)
+
+
+  def _embed_patches(self, images: jax.Array) -> jax.Array:
+    """The stride-p, p x p `conv1` as one matmul of flattened patches [N * g * g, p * p * 3].
+
+    Same numbers as `self.conv1(images)`; on the CPU its backward pass took half the time.
+    """
+    c = self.config
+    n, g, p = images.shape[0], c.grid_size, c.patch_size
+    patches = images[:, :g * p, :g * p].reshape(n, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    kernel = self.conv1.kernel[...].astype(images.dtype).reshape(p * p * 3, c.vision_width)
+    return (patches.reshape(n * g * g, p * p * 3) @ kernel).reshape(n, g * g, c.vision_width)
 
 
 class CLIP(nnx.Module):
