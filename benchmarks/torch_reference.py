@@ -135,6 +135,17 @@ def time_step(clip: str, batch_size: int, frames: int, image_size: int, max_word
   return t
 
 
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+  """GFLOP/s of one float32 [m, k] @ [k, n] matmul in torch (median of `repeats` after 1 warm-up).
+
+  The CPU step is nearly all such matmuls, so this rate over the step's FLOPs is its floor.
+  """
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  a, b = torch.randn(m, k), torch.randn(k, n)
+  return 2e-9 * m * k * n / common.time_calls(lambda: a @ b, repeats, 1)["median"]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--clip", default="ViT-B/32", choices=sorted(OPEN_CLIP_NAMES) + ["tiny"])
@@ -145,9 +156,12 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+  p.add_argument("--matmul", default="", help="M,K,N: also time a float32 [M,K] @ [K,N] matmul")
   args = p.parse_args(argv)
   t = time_step(args.clip, args.batch_size, args.frames, args.image_size, args.max_words,
                 args.repeats, args.warmup)
+  if args.matmul:
+    t["matmul_gflops"] = matmul_gflops(*(int(v) for v in args.matmul.split(",")))
   if args.json:
     print("json: " + json.dumps({k: v for k, v in t.items()}))
   print(f"torch {t['torch']} ({t['threads']} threads), {args.clip}, {t['params'] / 1e6:.1f}M params, "

@@ -203,18 +203,57 @@ def peak_bf16_tflops() -> float:
   return float("nan")
 
 
+def matmul_shape(cc: clip_lib.CLIPConfig, batch: int, frames: int) -> tuple[int, int, int]:
+  """(M, K, N) of the vision MLP's first matmul at this batch: the step's typical matmul."""
+  return batch * frames * (cc.grid_size ** 2 + 1), cc.vision_width, 4 * cc.vision_width
+
+
+def matmul_gflops_jax(m: int, k: int, n: int, repeats: int = 5) -> float:
+  """GFLOP/s of one jitted float32 [m, k] @ [k, n] matmul (median of `repeats` after 1 warm-up).
+
+  On the CPU the step is nearly all matmuls: FLOPs / this rate is the step's floor ("roofline").
+  """
+  a = jnp.ones((m, k), jnp.float32)
+  b = jnp.ones((k, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  t = common.time_calls(lambda: f(a, b), repeats, 1, sync=jax.block_until_ready)
+  return 2e-9 * m * k * n / t["median"]
+
+
 def run_torch(clip: str, batch: int, frames: int, image_size: int, words: int, repeats: int,
-              warmup: int) -> dict:
+              warmup: int, matmul: tuple[int, int, int] | None = None) -> dict:
   """Times the PyTorch reference step in a subprocess (no thread-pool interference with XLA)."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
   cmd = [sys.executable, script, "--clip", clip, "--batch_size", str(batch), "--frames",
          str(frames), "--image_size", str(image_size), "--max_words", str(words), "--repeats",
          str(repeats), "--warmup", str(warmup), "--json"]
+  if matmul:
+    cmd += ["--matmul", ",".join(str(v) for v in matmul)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith("json: ")]
   if out.returncode or not lines:
     raise RuntimeError(f"torch reference failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
   return json.loads(lines[-1][len("json: "):])
+
+
+def print_roofline(clip: str, tr: dict, rows: list) -> None:
+  """CPU only: each step's time over its matmul floor (its FLOPs at the measured matmul rate).
+
+  The floor uses XLA's FLOP count for JAX rows (what the compiled program does) and the analytic
+  count for PyTorch (it runs the full towers); both at the same float32 matmul shape's rate.
+  """
+  m, k, n = tr["matmul_shape"]
+  jr, trate = tr["matmul_gflops_jax"], tr["matmul_gflops"]
+  print(f"matmul roofline ({clip}, float32 [{m}x{k}] @ [{k}x{n}]): JAX {jr:.0f} GFLOP/s, "
+        f"PyTorch {trate:.0f} GFLOP/s on this CPU")
+  torch_floor = rows[0]["model_flops"] / 1e9 / trate if rows else float("nan")
+  for r in rows:
+    floor = r["xla_flops"] / 1e9 / jr
+    print(f"  JAX {r['head']} {r['dtype']}{' remat' if r['remat'] else ''}: floor {floor:.2f} s, "
+          f"step {r['median']:.2f} s = {r['median'] / floor:.2f} x floor")
+  if rows:
+    print(f"  PyTorch meanP float32: floor {torch_floor:.2f} s, step {tr['median']:.2f} s = "
+          f"{tr['median'] / torch_floor:.2f} x floor")
 
 
 def parse_args(argv=None):
@@ -260,12 +299,18 @@ def main(argv=None):
   clips = args.clips.split(",")
   for clip in clips:
     image_size = 64 if clip == "tiny-64" else 224
+    cc = clip_config(make_config(clip, image_size, args.frames, args.max_words, args.batch_size,
+                                 "meanP", "float32", False))
+    mm = matmul_shape(cc, args.batch_size, args.frames)
     if want_torch:
       t = run_torch("tiny" if clip == "tiny-64" else clip, args.batch_size, args.frames,
-                    image_size, args.max_words, args.repeats, args.warmup)
+                    image_size, args.max_words, args.repeats, args.warmup, matmul=mm)
       torch_rows[clip] = t
       print(f"[{clip}] torch meanP f32: {t['median']:.3f} s/step ({t['threads']} threads)",
             flush=True)
+      if jax.default_backend() == "cpu":
+        t["matmul_gflops_jax"] = matmul_gflops_jax(*mm)
+        t["matmul_shape"] = mm
     for head in args.heads.split(","):
       for dtype in args.dtypes.split(","):
         for remat in (r.strip().lower() in ("1", "true", "on") for r in args.remats.split(",")):
@@ -304,6 +349,9 @@ def main(argv=None):
                   f"{fl / 1e9:.0f}", "-", f"{fl / tr['median'] / 1e12:.3f}", "-", "-",
                   f"{tr['median']:.3f}", "1.00"])
   common.print_table(header, table)
+  for clip, tr in torch_rows.items():
+    if "matmul_gflops_jax" in tr:
+      print_roofline(clip, tr, [r for r in rows if r["clip"] == clip])
   parts = []
   for r in rows:
     tr = torch_rows.get(r["clip"])
