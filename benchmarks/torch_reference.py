@@ -135,7 +135,7 @@ def time_step(clip: str, batch_size: int, frames: int, image_size: int, max_word
   return t
 
 
-def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 10) -> float:
   """GFLOP/s of one float32 [m, k] @ [k, n] matmul in torch (median of `repeats` after 1 warm-up).
 
   The CPU step is nearly all such matmuls, so this rate over the step's FLOPs is its floor.

@@ -33,7 +33,13 @@ def test_train_step_tiny_prints_table_and_summary():
   rows = [l.split() for l in out.splitlines() if l.startswith("tiny-64")]
   assert len(rows) == 3  # dmae, meanP, torch
   for r in rows:
-    assert float(r[-2]) > 0  # torch seconds
+    assert float(r[-3]) > 0  # torch seconds
+  # The CPU roofline: both matmul rates measured, each step set against its floor.
+  roof = [l for l in out.splitlines() if l.startswith("matmul roofline")]
+  assert len(roof) == 1 and "JAX" in roof[0] and "PyTorch" in roof[0], out
+  rates = [float(w) for w in roof[0].replace(",", " ").split() if w.replace(".", "").isdigit()]
+  assert len(rates) == 2 and min(rates) > 0, roof
+  assert sum("x floor" in l for l in out.splitlines()) == 3  # dmae, meanP, torch
 
 
 def test_evaluate_tiny_prints_summary():
