@@ -303,10 +303,11 @@ def main(argv=None):
   rows, torch_rows = [], {}
   want_torch = args.torch == "on" or (args.torch == "auto" and jax.default_backend() == "cpu")
   clips = args.clips.split(",")
+  clip_configs = {}
   for clip in clips:
     image_size = 64 if clip == "tiny-64" else 224
-    cc = clip_config(make_config(clip, image_size, args.frames, args.max_words, args.batch_size,
-                                 "meanP", "float32", False))
+    cc = clip_configs[clip] = clip_config(make_config(
+        clip, image_size, args.frames, args.max_words, args.batch_size, "meanP", "float32", False))
     mm = matmul_shape(cc, args.batch_size, args.frames)
     if want_torch:
       t = run_torch("tiny" if clip == "tiny-64" else clip, args.batch_size, args.frames,
@@ -349,9 +350,7 @@ def main(argv=None):
                   f"{r['median'] / tr['median']:.2f}" if tr else "-",
                   f"{r['min'] / tr['min']:.2f}" if tr else "-"])
   for clip, tr in torch_rows.items():
-    cc = clip_config(make_config(clip, 64 if clip == "tiny-64" else 224, args.frames,
-                                 args.max_words, args.batch_size, "meanP", "float32", False))
-    fl = tower_flops(cc, args.batch_size, args.frames, args.max_words)
+    fl = tower_flops(clip_configs[clip], args.batch_size, args.frames, args.max_words)
     table.append([clip, "torch meanP", "float32", False, "sdpa", "-", f"{tr['median']:.3f}",
                   f"{tr['min']:.3f}", f"{1 / tr['median']:.3f}",
                   f"{args.batch_size / tr['median']:.2f}", f"{fl / 1e9:.0f}", "-",
