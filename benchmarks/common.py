@@ -43,6 +43,31 @@ def today() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def status_kib(field: str) -> int:
+  """A kiB field of /proc/self/status (e.g. "VmRSS", "VmHWM"); -1 where there is none (not Linux)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return -1
+
+
+def reset_peak_rss() -> bool:
+  """Resets VmHWM to the current RSS (Linux `clear_refs` 5), so a later VmHWM is this part's peak.
+
+  Returns False where the kernel does not allow it (then VmHWM is the whole process's peak).
+  """
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1,
                sync: Callable[[object], object] | None = None) -> dict:
   """Calls `fn` `warmup` times untimed, then `repeats` times timed; returns median/min/max seconds.

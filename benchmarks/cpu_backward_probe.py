@@ -1,4 +1,4 @@
-r"""Where the JAX train step loses to PyTorch on the CPU: vision tower and one block, fwd vs fwd+bwd.
+r"""CPU diagnostic: ViT-B/32 vision tower and one raw block, forward vs forward + backward, JAX vs torch.
 
   python benchmarks/cpu_backward_probe.py                    # JAX and PyTorch, ~3 min on 2 cores
   XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_backward_probe.py --only jax
@@ -7,7 +7,9 @@ Times (median of --repeats after one warm-up, float32, threads = cores) the ViT-
 on N images (48 = 4 clips x 12 frames, the quick train step's load), forward only and forward +
 backward (gradients of all parameters), and one residual block (width 768, 50 tokens, batch N)
 with `jax.nn.dot_product_attention` vs plain einsums, in JAX and PyTorch (PyTorch in a subprocess,
-so the two thread pools do not interfere). Figures are in docs/performance.md.
+so the two thread pools do not interfere). The tower rows run the real `CLIP`; the block rows are a
+hand-written block on [N, T, W] operands (the form that made XLA:CPU's backward slow before the
+model switched to 2-D linear layers). Figures are in docs/performance.md.
 """
 
 from __future__ import annotations

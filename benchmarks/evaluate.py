@@ -78,12 +78,12 @@ def time_scoring(num_texts: int, num_videos: int, words: int, frames: int, dim: 
   """Wall seconds and peak RSS growth of chunked DMAE scoring of cached features (incl. compile)."""
   text, video = scoring_bench.make_features(num_texts, num_videos, words, frames, dim)
   scorer = scoring.ChunkedScorer(int(budget_mib * MIB))
-  rss_before = scoring_bench._status_kib("VmRSS")
-  reset = scoring_bench._reset_peak_rss()
+  rss_before = common.status_kib("VmRSS")
+  reset = common.reset_peak_rss()
   t0 = time.perf_counter()
   sim = scorer(text, video)
   elapsed = time.perf_counter() - t0
-  hwm = scoring_bench._status_kib("VmHWM") if reset else -1
+  hwm = common.status_kib("VmHWM") if reset else -1
   feat_mib = sum(x.nbytes for x in text + video) / MIB
   return {"s": elapsed, "texts": num_texts, "rss_growth_mib": (hwm - rss_before) / 1024,
           "feat_mib": feat_mib, "plan": scorer.plan, "shape": sim.shape}

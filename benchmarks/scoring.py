@@ -21,27 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from tvr_jax import scoring  # noqa: E402
 from tvr_jax.models import dmae  # noqa: E402
 
 MIB = 1 << 20
-
-
-def _status_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  return -1
-
-
-def _reset_peak_rss() -> bool:
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def _unit(rng, shape):
@@ -89,15 +73,16 @@ def main():
   print(f"unchunked [Bt, Bv, L, N_v] float32 tensor would be {full_bytes / MIB:,.0f} MiB")
   scorer = scoring.ChunkedScorer(int(args.budget_mib * MIB),
                                  visual_attention=not args.no_visual_attention)
-  rss_before = _status_kib("VmRSS")
-  reset = _reset_peak_rss()
+  rss_before = common.status_kib("VmRSS")
+  reset = common.reset_peak_rss()
   cpu0 = resource.getrusage(resource.RUSAGE_SELF)
   t0 = time.perf_counter()
   sim = scorer(text, video)
   elapsed = time.perf_counter() - t0
   cpu1 = resource.getrusage(resource.RUSAGE_SELF)
   cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-  hwm = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  hwm = (common.status_kib("VmHWM") if reset
+         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
   plan = scorer.plan
   print(f"budget {args.budget_mib:.0f} MiB -> blocks of {plan.text_chunk} texts x "
         f"{plan.video_chunk} videos; XLA block memory: temp {plan.temp_bytes / MIB:.1f} MiB + "
