@@ -1,4 +1,4 @@
-r"""CPU diagnostic: ViT-B/32 vision tower and one raw block, forward vs forward + backward, JAX vs torch.
+r"""CPU diagnostic: ViT-B/32 tower and one raw block, forward vs forward + backward, JAX vs torch.
 
   python benchmarks/cpu_backward_probe.py                    # JAX and PyTorch, ~3 min on 2 cores
   XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_backward_probe.py --only jax
