@@ -31,7 +31,9 @@ from flax import nnx  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import scoring as scoring_bench  # noqa: E402
 from benchmarks import train_step  # noqa: E402
-from tvr_jax import scoring, train  # noqa: E402
+from tvr_jax import scoring  # noqa: E402
+from tvr_jax.models import build as build_lib  # noqa: E402
+from tvr_jax.models import clip as clip_lib  # noqa: E402
 
 MIB = 1 << 20
 MSVD_VIDEOS, MSVD_CAPTIONS = 670, 27763
@@ -39,7 +41,7 @@ MSVD_VIDEOS, MSVD_CAPTIONS = 670, 27763
 
 def time_encoding(c, num_videos: int, num_texts: int, batch: int, repeats: int) -> dict:
   """Seconds per video and per caption of the jitted encoders at batch `batch` (median)."""
-  model = train.build_model(c, load_weights=False)
+  model = build_lib.build_model(c, load_weights=False)
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -112,7 +114,7 @@ def main(argv=None):
   if args.tiny:
     args.clip, args.encode_videos, args.encode_captions, args.score_captions = "tiny-64", 4, 64, 200
     args.videos, args.captions, args.batch, frames, words, dim = 50, 1000, 4, 8, 24, 32
-  image_size = 64 if args.clip == "tiny-64" else 224
+  image_size = clip_lib.CLIPConfig.preset(args.clip).image_size
   c = train_step.make_config(args.clip, image_size, frames, words, args.batch, "dmae", args.dtype,
                              False, args.attention_impl)
   n_enc_v = args.encode_videos or args.videos

@@ -42,7 +42,7 @@ def build_rate(kind: str, num_videos: int, workers: int) -> dict:
   from tvr_jax.video_search import index as index_lib
   from tvr_jax.video_search.model import RetrievalSearchModel
   if kind == "tiny":
-    clip_cfg = clip_lib.CLIPConfig.preset("tiny", image_size=64, patch_size=16)
+    clip_cfg = clip_lib.CLIPConfig.preset("tiny-64")
     frames, res, seconds = 8, 64, 8
   else:
     clip_cfg = clip_lib.CLIPConfig.preset("ViT-B/32")

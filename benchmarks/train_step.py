@@ -52,6 +52,7 @@ from flax import nnx  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import base  # noqa: E402
 from tvr_jax import sharding, train  # noqa: E402
+from tvr_jax.models import build as build_lib  # noqa: E402
 from tvr_jax.models import clip as clip_lib  # noqa: E402
 from tvr_jax.models import dmae, retrieval  # noqa: E402
 
@@ -74,7 +75,7 @@ class MeanPRetrieval(retrieval.RetrievalModel):
 
 
 def _meanp_model_fn(config, load_weights: bool = True):
-  base_model = train.build_model(config, load_weights=load_weights)
+  base_model = build_lib.build_model(config, load_weights=load_weights)
   return MeanPRetrieval(base_model.config, base_model.clip, rngs=nnx.Rngs(config.seed + 1))
 
 
@@ -95,10 +96,8 @@ def make_config(clip: str, image_size: int, frames: int, words: int, batch: int,
 
 
 def clip_config(c) -> clip_lib.CLIPConfig:
-  """The CLIPConfig `train.build_model` builds for run config `c` (for the FLOP count)."""
-  if c.clip_preset == "tiny-64":
-    return clip_lib.CLIPConfig.preset("tiny", image_size=64, patch_size=16)
-  return clip_lib.CLIPConfig.preset(c.clip_preset, image_size=c.image_size)
+  """The CLIPConfig `build_model` builds for run config `c` (for the FLOP count)."""
+  return build_lib.clip_config(c)
 
 
 def tower_flops(cc: clip_lib.CLIPConfig, batch: int, frames: int, words: int) -> float:
@@ -305,7 +304,7 @@ def main(argv=None):
   clips = args.clips.split(",")
   clip_configs = {}
   for clip in clips:
-    image_size = 64 if clip == "tiny-64" else 224
+    image_size = clip_lib.CLIPConfig.preset(clip).image_size
     cc = clip_configs[clip] = clip_config(make_config(
         clip, image_size, args.frames, args.max_words, args.batch_size, "meanP", "float32", False))
     mm = matmul_shape(cc, args.batch_size, args.frames)

@@ -1,8 +1,9 @@
-"""Shared defaults for every experiment config (SPEC §6 recipe, MSR-VTT/MSVD sizes).
+"""Shared defaults for every experiment config (the recipe of docs/method.md §6, MSR-VTT/MSVD sizes).
 
 Not run on its own: each dataset config imports `get_base_config()` and edits what differs. Every
-key a run may use is declared here, so a typo in a config file or on the command line
-(`--config.lerning_rate=...`) is an error instead of a silently ignored setting.
+key a run may use is declared here and the returned ConfigDict is locked, so a typo in a config
+file (`c.lerning_rate = ...`) fails on the line that writes it, and one on the command line
+(`--config.lerning_rate=...`) fails before the run starts, instead of being silently ignored.
 """
 
 import ml_collections
@@ -88,6 +89,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.score_budget_mb = 1024       # memory budget of one block of the chunked DMAE scorer
   c.dsl = True                   # also report dual-softmax (DSL) rows, labelled separately
   c.eval_checkpoint = ""         # mode=eval: checkpoint step dir (default: latest in workdir)
+  c.lock()                       # new keys are errors; values stay editable
   return c
 
 

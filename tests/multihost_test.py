@@ -28,7 +28,7 @@ if n_proc > 1:
 import numpy as np
 from configs import synthetic
 from tvr_jax import sharding, train, tokenizer
-from tvr_jax.data import VideoSplit
+from tvr_jax.data import VideoSplit, datasets
 
 c = synthetic.get_config("smoke")
 c.data_dir, c.batch_size = data_dir, 8
@@ -37,7 +37,7 @@ c.optimizer.warmup_fraction, c.optimizer.eps, c.optimizer.groups = 0.0, 1.0, [("
 mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
 state, setup = train.create_train_state(c, mesh, total_steps=10)
 step = train.make_train_step(setup, mesh)
-split = VideoSplit.open(train.dataset_dir(c), "train", progress=False)
+split = VideoSplit.open(datasets.dataset_dir(c), "train", progress=False)
 local = c.batch_size // n_proc
 losses = []
 for k in range(3):

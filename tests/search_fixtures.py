@@ -91,16 +91,17 @@ def save_tiny_training_checkpoint(workdir: str, seed: int = 0) -> str:
   training run does: `config_train.json` + `checkpoints/<step>/state` with a `params` entry."""
   from flax import nnx
   from configs import synthetic
-  from tvr_jax import checkpointing, train
+  from tvr_jax import checkpointing
+  from tvr_jax.models import build as build_lib
   cfg = synthetic.get_config("smoke")
   cfg.seed = seed
-  model = train.build_model(cfg, load_weights=False)
+  model = build_lib.build_model(cfg, load_weights=False)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config_train.json"), "w") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   mgr = checkpointing.TrainCheckpointManager(os.path.join(workdir, "checkpoints"),
                                              async_save=False)
   mgr.save(1, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-               "step": np.int32(1)}, meta=train.model_meta(cfg, model))
+               "step": np.int32(1)}, meta=build_lib.model_meta(cfg, model))
   mgr.close()
   return workdir

@@ -43,7 +43,9 @@ def test_sharded_init_on_8_devices():
               "small": {"bias": jnp.zeros((128,))},
               "frozen": {"kernel": jnp.ones((256, 128))},
               "explicit": {"w": jnp.ones((64, 256))}}
-    tree, shardings = sharding.create_sharded(init, mesh, rules, min_fsdp_size=1024)
+    abstract, shardings = sharding.abstract_sharded(init, mesh, rules, min_fsdp_size=1024)
+    tree = jax.jit(init, out_shardings=shardings)()
+    assert all(a.sharding == t.sharding for a, t in zip(jax.tree.leaves(abstract), jax.tree.leaves(tree)))
     res = {k: str(v["kernel" if "kernel" in v else ("bias" if "bias" in v else "w")].sharding.spec)
            for k, v in tree.items()}
     res["mesh"] = dict(mesh.shape)

@@ -20,8 +20,9 @@ from conftest import REPO_ROOT, run_with_devices
 
 sys.path.insert(0, REPO_ROOT)
 from configs import synthetic as synthetic_config  # noqa: E402
-from tvr_jax import checkpointing  # noqa: E402
+from tvr_jax import checkpointing, sharding  # noqa: E402
 from tvr_jax import train  # noqa: E402
+from tvr_jax.data import datasets  # noqa: E402
 
 
 def build_synthetic(root, **sizes) -> str:
@@ -215,7 +216,7 @@ def test_nan_skip_policy_keeps_parameters():
   """nan_policy='skip': a non-finite step leaves parameters and optimizer state unchanged."""
   c = synthetic_config.get_config("smoke")
   c.clip_preset, c.image_size, c.num_frames, c.max_words, c.batch_size = "tiny", 32, 4, 16, 4
-  mesh = train.sharding.make_mesh({"data": 1, "fsdp": 1})
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
   state, setup = train.create_train_state(c, mesh, total_steps=10)
   step = train.make_train_step(setup, mesh, nan_policy="skip")
   rng = np.random.default_rng(0)
@@ -239,7 +240,7 @@ def default_synthetic_data(tmp_path_factory):
   """The synthetic config's own dataset (default SyntheticConfig), built as the config would."""
   c = synthetic_config.get_config("test")
   c.data_dir = str(tmp_path_factory.mktemp("synthetic_default") / "tfds")
-  train.check_inputs(c)   # build_if_missing: builds it exactly as a first run does
+  datasets.check_inputs(c)   # build_if_missing: builds it exactly as a first run does
   return c.data_dir
 
 

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tvr_jax.tree_paths import check_same_leaves, flatten_params, path_str
+
 PyTree = Any
 
 
@@ -63,10 +65,6 @@ def save_pytree(directory: str | os.PathLike, tree: PyTree) -> str:
   return directory
 
 
-def _key_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def pytree_metadata(directory: str | os.PathLike) -> PyTree:
   """Returns the saved tree's structure with Orbax array metadata (shape, dtype) at the leaves."""
   directory = os.path.abspath(os.fspath(directory))
@@ -102,17 +100,10 @@ def restore_pytree(directory: str | os.PathLike, abstract_tree: PyTree | None = 
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
     return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
-  saved_flat = dict((_key_name(p), m) for p, m in jax.tree_util.tree_leaves_with_path(saved))
-  target_flat = dict((_key_name(p), t) for p, t in jax.tree_util.tree_leaves_with_path(abstract_tree))
-  missing = sorted(set(target_flat) - set(saved_flat))
-  extra = sorted(set(saved_flat) - set(target_flat))
-  if missing or extra:
-    raise ValueError(f"checkpoint {directory} does not match the target tree: missing from the "
-                     f"checkpoint {missing[:10]}, not in the target {extra[:10]}")
-  for key, target in target_flat.items():
-    if tuple(saved_flat[key].shape) != tuple(target.shape):
-      raise ValueError(f"checkpoint {directory}: {key} has shape {tuple(saved_flat[key].shape)}, "
-                       f"target expects {tuple(target.shape)}")
+  try:
+    check_same_leaves(flatten_params(abstract_tree), flatten_params(saved), f"checkpoint {directory}")
+  except ValueError as e:
+    raise ValueError(f"{e} (target tree vs checkpoint)") from None
 
   def _args(leaf):
     sharding = getattr(leaf, "sharding", None)
@@ -176,8 +167,42 @@ def _decode_data_state(text: str) -> Any:
 
 
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  return {_key_name(p): tuple(getattr(x, "shape", ())) for p, x in
-          jax.tree_util.tree_leaves_with_path(tree)}
+  return {k: tuple(getattr(x, "shape", ())) for k, x in flatten_params(tree).items()}
+
+
+def is_step_dir(path: str | os.PathLike) -> bool:
+  """Whether `path` is one finalized training checkpoint step (`.../checkpoints/<step>/state`)."""
+  path = os.fspath(path)
+  return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
+      os.path.join(path, "state"))
+
+
+def latest_step_dir(directory: str | os.PathLike) -> str | None:
+  """The newest finalized step directory under a training checkpoint directory, or None.
+
+  Read-only (safe beside a training run writing there): Orbax writes each step to
+  `<step>.orbax-checkpoint-tmp*` and renames it when complete, so only finished steps count.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted(int(n) for n in os.listdir(directory) if is_step_dir(os.path.join(directory, n)))
+  return os.path.join(directory, str(steps[-1])) if steps else None
+
+
+def restore_train_params(step_dir: str | os.PathLike) -> PyTree:
+  """The `params` subtree of a training checkpoint step as host NumPy arrays (any topology).
+
+  Raises CheckpointError naming the step directory when it is unreadable or holds no parameters.
+  """
+  step_dir = os.path.abspath(os.fspath(step_dir))
+  try:
+    saved = restore_pytree(os.path.join(step_dir, "state"))
+  except Exception as e:  # noqa: BLE001 - any Orbax failure means an unusable checkpoint
+    raise CheckpointError(f"checkpoint {step_dir} is unreadable ({type(e).__name__}: {e})") from e
+  if not isinstance(saved, dict) or "params" not in saved:
+    raise CheckpointError(f"checkpoint {step_dir}/state has no 'params' entry")
+  return saved["params"]
 
 
 class TrainCheckpointManager:

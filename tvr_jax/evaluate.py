@@ -10,7 +10,7 @@ Steps (also run periodically during training by `tvr_jax.train`):
 2. score: the DMAE similarity of every caption against every video with the chunked,
    memory-bounded scorer (`tvr_jax.scoring`); the same S as in training.
 3. metrics (`tvr_jax.metrics`): R@1/5/10, MdR, MnR both directions; several captions per video
-   use the multi-caption protocol (SPEC §7); dual-softmax (DSL) rows are separate (`dsl/...`).
+   use the multi-caption protocol (docs/method.md §7); dual-softmax (DSL) rows are separate (`dsl/...`).
 4. report: a console table, `eval_step_<N>.json` in the workdir, TensorBoard scalars `eval/...`.
 """
 
@@ -28,7 +28,13 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from tvr_jax import data as data_lib
+from tvr_jax import metrics as metrics_lib
+from tvr_jax import reporting
+from tvr_jax import scoring
 from tvr_jax import sharding
+from tvr_jax.data import datasets
+from tvr_jax.models import build as build_lib
 
 
 class Evaluator:
@@ -49,17 +55,15 @@ class Evaluator:
       param_shardings: unused placement hint; arrays keep the shardings they arrive with.
     """
     del param_shardings
-    from tvr_jax import data as data_lib
-    from tvr_jax import train as train_lib
     self.config = config
     self.mesh = mesh
     self.graphdef = graphdef
     self.has_rest = has_rest
     self.workdir = workdir
     self.writer = writer
-    split = train_lib.open_split(config, config.eval_split)
+    split = datasets.open_split(config, config.eval_split)
     if config.eval_max_examples > 0 and config.eval_max_examples < split.num_videos:
-      split = train_lib.subset_split(split, config.eval_max_examples)
+      split = datasets.subset_split(split, config.eval_max_examples)
     self.split = split
     batch = config.eval_batch_size
     n_shards = sharding.data_parallel_size(mesh)
@@ -69,7 +73,7 @@ class Evaluator:
     self.data = data_lib.EvalData(
         split, global_batch_size=batch, caption_mode=config.eval_caption_mode,
         context_length=config.max_words, sharding=sharding.batch_sharding(mesh),
-        worker_count=config.num_workers, cache=train_lib.frame_cache(config, split))
+        worker_count=config.num_workers, cache=datasets.frame_cache(config, split))
     replicated = sharding.replicated(mesh)
 
     def video_fn(params, rest, frames, frame_mask):
@@ -121,15 +125,13 @@ class Evaluator:
 
   def run(self, state: dict, step: int) -> dict[str, float]:
     """Encodes, scores and reports; returns {"t2v/R@1": ..., "dsl/t2v/R@1": ..., ...}."""
-    from tvr_jax import metrics as metrics_lib
-    from tvr_jax import scoring
     t0 = time.perf_counter()
     texts, videos = self.encode(state)
     t_encode = time.perf_counter() - t0
-    model_config = _model_config(self.config)
+    switches = build_lib.retrieval_config(self.config).similarity_kwargs()
     sim = scoring.score(texts, videos, budget_bytes=int(self.config.score_budget_mb) << 20,
-                        textual_attention=model_config["textual_attention"],
-                        visual_attention=model_config["visual_attention"],
+                        textual_attention=switches["textual_attention"],
+                        visual_attention=switches["visual_attention"],
                         show_progress=self.config.progress_bar and jax.process_index() == 0)
     caption_video = self.data.caption_to_video
     single = (len(caption_video) == self.data.num_videos and
@@ -140,7 +142,7 @@ class Evaluator:
       results.update(metrics_lib.dsl_retrieval_metrics(sim, cv))
     results = {k: float(v) for k, v in results.items()}
     elapsed = time.perf_counter() - t0
-    protocol = "one caption per video" if single else "multi-caption (SPEC §7)"
+    protocol = "one caption per video" if single else "multi-caption"
     report = {"step": int(step), "split": f"{self.split.name}:{self.split.split}",
               "num_videos": int(self.data.num_videos), "num_captions": int(self.data.num_captions),
               "protocol": protocol, "metrics": results,
@@ -157,11 +159,7 @@ class Evaluator:
         with open(path + ".tmp", "w") as f:
           json.dump(report, f, indent=2)
         os.replace(path + ".tmp", path)
-      if self.writer is not None:
-        for k, v in results.items():
-          if np.isfinite(v):
-            self.writer.add_scalar(f"eval/{k}", v, step)
-        self.writer.flush()
+      reporting.write_scalars(self.writer, step, {f"eval/{k}": v for k, v in results.items()})
     return results
 
 
@@ -172,8 +170,4 @@ def _host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
-
-
-def _model_config(config) -> dict[str, Any]:
-  return config.model.to_dict()
 

@@ -9,17 +9,13 @@ SLURM / on a TPU pod where `jax.distributed.initialize()` discovers them itself
 """
 
 import os
+import re
 import sys
 
-# Config files import `configs.base`; make the repository root importable when run from it.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]); override keys with --config.key=value.",
@@ -71,15 +67,40 @@ def maybe_initialize_distributed(mode: str, coordinator: str | None, num_process
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}")
+  from tvr_jax import reporting   # quiet console from the first line: library INFO logs need -v 1
+  reporting.setup_logging(None, reporting.console_verbosity())
   maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value, _LOCAL_DEVICES.value)
   import jax
   from tvr_jax import train
+  from tvr_jax.data import datasets
 
   logging.info("JAX %s, process %d of %d, %d local / %d global devices: %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (train.ConfigError, datasets.MissingInputError) as e:
+    # Raised before any device work or file write: the message is the whole story.
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+
+
+def _unknown_key_message(error: Exception, argv: list[str]) -> str:
+  """One readable line for an unknown `--config.key` (ml_collections' own message nests quotes)."""
+  text = str(error).replace("\\", "")
+  names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+  key = names[0] if names else text
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  bad = [a for a in overrides if key in re.split(r"[.=]", a.split("=", 1)[0])]
+  arg = bad[0] if bad else " ".join(overrides) or " ".join(argv[1:])
+  dotted = arg.split("=", 1)[0][len("--config."):] if bad else key
+  message = f"error: unknown config key {dotted!r} in {arg}"
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  if suggestion:
+    message += f"; did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}" \
+               f"{suggestion.group(1)}?"
+  return message + " (every key is declared in configs/base.py)\n"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -87,10 +108,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:   # ml_collections: the key does not exist
-    key = str(e).strip("\"'")
-    bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
-    sys.stderr.write(f"error: unknown config key {key!r} in {bad[0] if bad else argv[1:]}; the keys "
-                     "are those of configs/base.py (and the chosen config file)\n")
+    sys.stderr.write(_unknown_key_message(e, argv))
     sys.exit(2)
   except flags.Error as e:
     sys.stderr.write(f"error: {e}\n")

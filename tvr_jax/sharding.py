@@ -10,9 +10,10 @@ This is the one module that owns the JAX sharding API (so an upgrade is one edit
   `"replicate"`, or a tuple of mesh-axis names / None (an explicit PartitionSpec). Leaves smaller than
   `min_fsdp_size` elements are replicated whatever the rule says: sharding a LayerNorm scale costs a
   collective and saves nothing.
-- `create_sharded(init_fn, mesh, rules)`: `jax.eval_shape` gives shapes, the rules give shardings and
-  `jax.jit(init_fn, out_shardings=...)` creates every array already in place, so a model that does not
-  fit one device is never materialised whole.
+- `abstract_sharded(init_fn, mesh, rules)`: `jax.eval_shape` gives shapes and the rules give
+  shardings; `jax.jit(init_fn, out_shardings=...)` then creates every array already in place
+  (`tvr_jax.train.create_train_state`), so a model that does not fit one device is never
+  materialised whole, and ahead-of-time compilation lowers against the same abstract tree.
 
 Batches are sharded over both mesh axes on their leading dimension (FSDP devices also split the
 batch); `batch_sharding` gives that sharding and `data_parallel_size` the number of shards.
@@ -27,6 +28,8 @@ from typing import Any, Union
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tvr_jax.tree_paths import path_str  # noqa: F401 (rules and optimizer groups match these)
 
 MESH_AXES = ("data", "fsdp")
 # Batch dimension is split over every mesh axis: FSDP shards are also data-parallel shards.
@@ -105,12 +108,6 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         "devices train the same objective)")
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """'a/b/0/c' from a jax key path, dropping NNX's trailing '/value'."""
-  s = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-  return s[:-len("/value")] if s.endswith("/value") else s
-
-
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, axis: str = "fsdp") -> P:
   """PartitionSpec sharding the largest dimension of `shape` divisible by `fsdp_size` over `axis`.
 
@@ -163,16 +160,18 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
-def create_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                   min_fsdp_size: int = 2 ** 14) -> tuple[Any, Any]:
-  """Runs `init_fn()` (a pure function returning a pytree of arrays) with every output already sharded.
+def abstract_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                     min_fsdp_size: int = 2 ** 14) -> tuple[Any, Any]:
+  """`(abstract tree, shardings)` of `init_fn()`'s output, without running it.
 
-  Returns `(tree, shardings)`. The tree never exists unsharded: shapes come from `jax.eval_shape`
-  and `jax.jit(..., out_shardings=...)` writes each shard on its own device.
+  The abstract tree's leaves are `jax.ShapeDtypeStruct`s carrying their rule-table sharding: what
+  ahead-of-time compilation lowers against, and what a checkpoint restores onto.
   """
   abstract = jax.eval_shape(init_fn)
   shardings = tree_shardings(abstract, mesh, rules, min_fsdp_size)
-  return jax.jit(init_fn, out_shardings=shardings)(), shardings
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
 
 
 def describe(tree: Any) -> str:

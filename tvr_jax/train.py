@@ -44,35 +44,37 @@ from absl import logging
 from flax import nnx
 
 from tvr_jax import checkpointing
+from tvr_jax import data as data_lib
+from tvr_jax import evaluate as evaluate_lib
 from tvr_jax import optimizer as optimizer_lib
+from tvr_jax import reporting
 from tvr_jax import sharding
+from tvr_jax.data import datasets
+from tvr_jax.models import build as build_lib
 
 PyTree = Any
 State = dict[str, Any]
 
 
 # ==================================================================================================
-# Config checks: fail before any device work, with the command that fixes the problem.
+# Config checks: fail before any device work or any file is written, naming the key.
 # ==================================================================================================
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for unknown keys (vs configs/base.py) or unsupported values.
+class ConfigError(ValueError):
+  """A run config value that cannot work; raised before any device work or file write."""
 
-  Config files build on `configs.base.get_base_config()`; a key that is not declared there (a typo
-  in a config file) would otherwise be silently ignored. (`--config.key=value` on the command line
-  already fails for unknown keys: the config is locked.)
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for unsupported values, before the run touches devices or the workdir.
+
+  Unknown keys cannot reach here: config files build on `configs.base.get_base_config()`, which
+  returns a locked ConfigDict, so a typo fails on the line (or `--config.key=value`) that writes it.
   """
-  try:
-    from configs import base  # the declared keys (configs/ beside the package, or on sys.path)
-  except ImportError:
-    logging.warning("configs/base.py is not importable: config keys are not checked")
-  else:
-    _check_keys(config, base.get_base_config(), "config")
   if config.mode not in ("train", "eval"):
-    raise ValueError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
+    raise ConfigError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
   if config.nan_policy not in ("stop", "skip"):
-    raise ValueError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
+    raise ConfigError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
   if config.accum_steps != 1:
-    raise ValueError(
+    raise ConfigError(
         f"config.accum_steps={config.accum_steps} is not supported: accumulating gradients over "
         "micro-batches would compute NegNCE / InfoNCE / TPM-CL over each micro-batch, i.e. with "
         f"1/{config.accum_steps} of the negatives, which is a different objective from the "
@@ -80,169 +82,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "still spans it) or `remat=True` / `dtype='bfloat16'` to fit the batch in memory. "
         "See docs/training.md.")
   if config.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
-
-
-def _check_keys(config: Any, reference: Any, where: str) -> None:
-  if not isinstance(reference, ml_collections.ConfigDict) or reference is None:
-    return
-  if not isinstance(config, ml_collections.ConfigDict):
-    return
-  for key in config.keys():
-    if key not in reference:
-      raise ValueError(f"unknown config key {where}.{key}; known keys: {sorted(reference.keys())}")
-    if key != "model":  # model keys belong to the model's own config, checked there
-      _check_keys(config[key], reference[key], f"{where}.{key}")
-
-
-def check_inputs(config: ml_collections.ConfigDict) -> None:
-  """Stops at once, saying what to download and run, when the CLIP or the dataset is missing.
-
-  The synthetic set (config.build_if_missing) is built here instead.
-  """
-  if config.init_from and not os.path.isfile(os.path.join(config.init_from, "clip_config.json")):
-    raise FileNotFoundError(
-        f"config.init_from={config.init_from!r} is not a converted CLIP checkpoint. Download OpenAI's "
-        "ViT-B-32.pt (or ViT-B-16.pt) and convert it once:\n"
-        f"  python -m tvr_jax.convert --src ViT-B-32.pt --out {config.init_from}\n"
-        "or set --config.init_from='' to train a CLIP of config.clip_preset from scratch.")
-  if dataset_dir(config, must_exist=False) is not None:
-    return
-  if config.build_if_missing:
-    build_dataset(config)
-    return
-  raise FileNotFoundError(
-      f"dataset {config.dataset!r} with {config.num_frames} frames at {config.image_size} px is not "
-      f"built under config.data_dir={config.data_dir!r}. Download the raw videos and annotations "
-      "(layouts: docs/data.md) and prepare them once:\n"
-      f"  python -m data_prep.build {config.dataset} --manual_dir=/path/to/{config.dataset} "
-      f"--data_dir={config.data_dir} --num_frames={config.num_frames} --resolution={config.image_size}")
-
-
-# ==================================================================================================
-# Input: locating, building and opening the TFDS splits that data_prep writes.
-# ==================================================================================================
-def dataset_dir(config: ml_collections.ConfigDict, must_exist: bool = True) -> str | None:
-  """The TFDS version directory of `config.dataset` with `num_frames` frames at `image_size` px.
-
-  `data_prep.build` writes `DATA_DIR/<dataset>/f<F>_r<R>_.../<version>/`; the newest version of a
-  matching config wins. `config.data_dir` may also point at a version directory directly.
-  """
-  root = os.path.abspath(os.path.expanduser(config.data_dir))
-  if os.path.isfile(os.path.join(root, "dataset_info.json")):
-    return root
-  candidates = []
-  base_dir = os.path.join(root, config.dataset)
-  if os.path.isdir(base_dir):
-    for name in sorted(os.listdir(base_dir)):
-      if not name.startswith(f"f{config.num_frames}_r{config.image_size}_"):
-        continue
-      for version in sorted(os.listdir(os.path.join(base_dir, name))):
-        path = os.path.join(base_dir, name, version)
-        if os.path.isfile(os.path.join(path, "dataset_info.json")):
-          candidates.append(path)
-  if candidates:
-    return sorted(candidates, key=lambda p: [int(x) if x.isdigit() else x
-                                             for x in os.path.basename(p).split(".")])[-1]
-  if must_exist:
-    check_inputs(config)  # raises with the command to run
-  return None
-
-
-def build_dataset(config: ml_collections.ConfigDict) -> None:
-  """Builds `config.dataset` (the synthetic set) into `config.data_dir`; process 0 builds."""
-  from data_prep import build as build_lib
-  if jax.process_index() == 0:
-    logging.info("building dataset %r into %s", config.dataset, config.data_dir)
-    summary = build_lib.build(config.dataset, None, config.data_dir, num_frames=config.num_frames,
-                              resolution=config.image_size, workers=os.cpu_count() or 1)
-    logging.info("%s", build_lib.format_summary(summary))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("dataset built")
-
-
-def open_split(config: ml_collections.ConfigDict, split: str):
-  """Opens one split (`tvr_jax.data.VideoSplit`) and checks its frames fit the model."""
-  from tvr_jax import data as data_lib
-  opened = data_lib.VideoSplit.open(dataset_dir(config), split, progress=config.progress_bar)
-  if opened.resolution != config.image_size or opened.num_frames != config.num_frames:
-    raise ValueError(f"{opened.data_dir}: frames are {opened.num_frames} x {opened.resolution} px, "
-                     f"the config wants num_frames={config.num_frames}, image_size={config.image_size}")
-  return opened
-
-
-def subset_split(split, num_videos: int):
-  """The first `num_videos` videos of `split` (smoke runs evaluate on a prefix)."""
-  return dataclasses.replace(split, video_ids=list(split.video_ids[:num_videos]),
-                             captions=list(split.captions[:num_videos]))
-
-
-def frame_cache(config: ml_collections.ConfigDict, split):
-  """A filled RAM frame cache of `split` when `config.cache_frames`, else None."""
-  if not config.cache_frames:
-    return None
-  from tvr_jax import data as data_lib
-  return data_lib.FrameCache.fill(split, worker_count=config.num_workers)
+    raise ConfigError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
+  try:
+    build_lib.retrieval_config(config)   # the model's own checks (header, loss, partial type)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.model: {e}") from e
 
 
 def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The endless, checkpointable iterator of global training batches."""
-  from tvr_jax import data as data_lib
-  split = open_split(config, config.train_split)
+  split = datasets.open_split(config, config.train_split)
   return data_lib.TrainIterator(
       split, global_batch_size=config.batch_size, caption_mode=config.train_caption_mode,
       context_length=config.max_words, seed=config.seed, sharding=sharding.batch_sharding(mesh),
-      worker_count=config.num_workers, cache=frame_cache(config, split))
-
-
-# ==================================================================================================
-# Model construction.
-# ==================================================================================================
-def clip_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """CLIPConfig fields the run config controls (compute dtype, remat, attention kernel)."""
-  return dict(dtype=config.dtype, remat=bool(config.remat),
-              attention_impl=(config.attention_impl or None))
-
-
-def build_model(config: ml_collections.ConfigDict, *, load_weights: bool = True) -> nnx.Module:
-  """The retrieval model of `config`, with CLIP weights from `config.init_from` when given.
-
-  `load_weights=False` builds the same structure with random weights (for shapes / from scratch).
-  """
-  from tvr_jax.models import clip as clip_lib
-  from tvr_jax.models import retrieval
-  if config.init_from and load_weights:
-    clip = clip_lib.load_clip(config.init_from, **clip_overrides(config))
-  elif config.init_from:
-    with open(os.path.join(config.init_from, "clip_config.json")) as f:
-      d = json.load(f)
-    fields = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(clip_lib.CLIPConfig)}}
-    clip = clip_lib.CLIP(clip_lib.CLIPConfig.from_dict({**fields, **clip_overrides(config)}),
-                         rngs=nnx.Rngs(config.seed))
-  else:
-    name, overrides = config.clip_preset, dict(image_size=config.image_size)
-    if name == "tiny-64":   # the synthetic config's size: tiny widths, 64 px frames, 16 px patches
-      name, overrides = "tiny", dict(image_size=64, patch_size=16)
-    clip = clip_lib.CLIP(clip_lib.CLIPConfig.preset(name, **overrides, **clip_overrides(config)),
-                         rngs=nnx.Rngs(config.seed))
-  if clip.config.image_size != config.image_size:
-    raise ValueError(f"CLIP input size {clip.config.image_size} px != config.image_size="
-                     f"{config.image_size}; build the dataset with --resolution={clip.config.image_size}")
-  model_config = retrieval.RetrievalConfig.from_dict(
-      {**config.model.to_dict(), "max_words": config.max_words, "max_frames": config.num_frames})
-  return retrieval.RetrievalModel(model_config, clip, rngs=nnx.Rngs(config.seed + 1))
-
-
-def model_meta(config: ml_collections.ConfigDict, model: nnx.Module) -> dict[str, Any]:
-  """What a checkpoint must agree on with this run (checked on restore, beyond shapes)."""
-  clip_config = getattr(getattr(model, "clip", None), "config", None)
-  sizes = {}
-  if clip_config is not None:
-    sizes = {k: v for k, v in clip_config.to_dict().items()
-             if k not in ("dtype", "remat", "attention_impl")}
-  return {"clip": json.dumps(sizes, sort_keys=True), "header": str(config.model.header),
-          "max_words": int(config.max_words), "num_frames": int(config.num_frames)}
+      worker_count=config.num_workers, cache=datasets.frame_cache(config, split))
 
 
 # ==================================================================================================
@@ -268,23 +121,9 @@ def _merge(graphdef, params, rest):
   return nnx.merge(graphdef, params, rest if rest is not None else {})
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int,
-                       model_fn: Callable[..., nnx.Module] | None = None) -> tuple[State, TrainSetup]:
-  """Builds the train state on `mesh`, every leaf placed by `config.sharding_rules`.
-
-  From scratch the whole state is created inside `jax.jit(..., out_shardings=...)`, so no device
-  ever holds more than its shards. With `config.init_from`, the converted CLIP is read on the host
-  once, the model built around it and each leaf sent straight to its shards.
-
-  Args:
-    config: the run config.
-    mesh: the device mesh.
-    total_steps: optimizer steps of the run (the lr schedule's length).
-    model_fn: `model_fn(config, load_weights=bool) -> nnx.Module`; default `build_model`.
-  """
-  model_fn = model_fn or build_model
-  rules = [tuple(r) for r in config.sharding_rules]
-
+def _plan_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int,
+                      model_fn: Callable[..., nnx.Module]):
+  """(abstract state, TrainSetup, assemble(params, rest), init_from_scratch()): all still abstract."""
   abstract_model = nnx.eval_shape(lambda: model_fn(config, load_weights=False))
   graphdef, abstract_params, abstract_rest = _split(abstract_model)
   tx, schedules = optimizer_lib.build(config.optimizer.to_dict(), total_steps, abstract_params)
@@ -303,17 +142,54 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     _, params, rest = _split(model_fn(config, load_weights=False))
     return assemble(params, rest)
 
-  abstract_state = jax.eval_shape(init_from_scratch)
-  shardings = sharding.tree_shardings(abstract_state, mesh, rules, config.min_fsdp_size)
+  rules = [tuple(r) for r in config.sharding_rules]
+  abstract, shardings = sharding.abstract_sharded(init_from_scratch, mesh, rules,
+                                                  config.min_fsdp_size)
+  setup = TrainSetup(graphdef, tx, schedules, shardings, build_lib.model_meta(config, abstract_model),
+                     has_rest)
+  return abstract, setup, assemble, init_from_scratch
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         total_steps: int, model_fn: Callable[..., nnx.Module] | None = None
+                         ) -> tuple[State, TrainSetup]:
+  """The train state as ShapeDtypeStructs (shapes, dtypes, shardings) and its TrainSetup.
+
+  Nothing runs on a device and no weights are read, so this works on compile-only devices
+  (ahead-of-time compilation for absent accelerators) exactly as on real ones; `create_train_state`
+  materialises this same layout.
+  """
+  abstract, setup, _, _ = _plan_train_state(config, mesh, total_steps,
+                                            model_fn or build_lib.build_model)
+  return abstract, setup
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int,
+                       model_fn: Callable[..., nnx.Module] | None = None) -> tuple[State, TrainSetup]:
+  """Builds the train state on `mesh`, every leaf placed by `config.sharding_rules`.
+
+  From scratch the whole state is created inside `jax.jit(..., out_shardings=...)`, so no device
+  ever holds more than its shards. With `config.init_from`, the converted CLIP is read on the host
+  once, the model built around it and each leaf sent straight to its shards.
+
+  Args:
+    config: the run config.
+    mesh: the device mesh.
+    total_steps: optimizer steps of the run (the lr schedule's length).
+    model_fn: `model_fn(config, load_weights=bool) -> nnx.Module`; default
+      `tvr_jax.models.build.build_model`.
+  """
+  model_fn = model_fn or build_lib.build_model
+  _, setup, assemble, init_from_scratch = _plan_train_state(config, mesh, total_steps, model_fn)
+  shardings = setup.shardings
   if config.init_from:
     _, params, rest = _split(model_fn(config, load_weights=True))
     params = jax.device_put(params, shardings["params"])
-    rest = jax.device_put(rest, shardings["rest"]) if has_rest else rest
+    rest = jax.device_put(rest, shardings["rest"]) if setup.has_rest else rest
     state = jax.jit(assemble, out_shardings=shardings)(params, rest)
   else:
     state = jax.jit(init_from_scratch, out_shardings=shardings)()
-  meta = model_meta(config, abstract_model)
-  return state, TrainSetup(graphdef, tx, schedules, shardings, meta, has_rest)
+  return state, setup
 
 
 # ==================================================================================================
@@ -424,22 +300,6 @@ def _check_finite(state: State, config) -> None:
         "skip such updates.")
 
 
-def _summary_writer(workdir: str):
-  if jax.process_index() != 0:
-    return None
-  from tensorboardX import SummaryWriter
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-
-def _write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
-  if writer is None:
-    return
-  for k, v in scalars.items():
-    if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v)):
-      writer.add_scalar(k, float(v), step)
-  writer.flush()
-
-
 def num_train_steps(config, examples_per_epoch: int) -> tuple[int, int]:
   """(total optimizer steps, steps per epoch) for `config`; partial last batches are dropped."""
   steps_per_epoch = max(examples_per_epoch // config.batch_size, 1)
@@ -448,30 +308,82 @@ def num_train_steps(config, examples_per_epoch: int) -> tuple[int, int]:
   return int(config.num_epochs * steps_per_epoch), steps_per_epoch
 
 
+def _run_header(config, mesh, train_data, evaluator, state, total_steps: int,
+                steps_per_epoch: int, eval_every: int, workdir: str) -> list[str]:
+  """The few lines a user reads before the progress bar: devices, data, model, schedule."""
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  m = config.model
+  clip = (f"CLIP from {config.init_from}" if config.init_from
+          else f"CLIP {config.clip_preset} from scratch")
+  loss = {"negnce": "NegNCE", "infonce": "InfoNCE"}.get(m.contrastive_loss, m.contrastive_loss)
+  tpm = f" + TPM-CL type {m.partial_type}" if m.partial_type else ""
+  lines = [f"devices: {len(devices)} x {'/'.join(kinds)} over {jax.process_count()} process(es), "
+           f"mesh {dict(mesh.shape)}"]
+  if train_data is not None:
+    lines.append(f"train: {config.dataset}:{config.train_split}, {train_data.num_examples} "
+                 f"examples ({config.train_caption_mode} captions), {config.num_frames} frames x "
+                 f"{config.image_size} px, {config.max_words} tokens")
+  lines.append(f"eval: {evaluator.split.name}:{evaluator.split.split}, {evaluator.data.num_videos} "
+               f"videos, {evaluator.data.num_captions} captions")
+  lines.append(f"model: {clip}, {n_params / 1e6:.2f}M parameters, header {m.header}, "
+               f"{loss}{tpm}, textual attention {'on' if m.textual_attention else 'off'}, visual "
+               f"attention {'on' if m.visual_attention else 'off'}, {config.dtype}")
+  if train_data is not None:
+    when = ("at the end" if eval_every <= 0 else
+            "every epoch and at the end" if eval_every == steps_per_epoch else
+            f"every {eval_every} steps and at the end")
+    lines.append(f"schedule: {total_steps} steps ({steps_per_epoch} per epoch), global batch "
+                 f"{config.batch_size}, evaluation {when}")
+  lines.append(f"workdir: {workdir} (log.txt, config_{config.mode}.json, params.txt, tensorboard/)")
+  return lines
+
+
+def _write_run_files(config, state, workdir: str) -> None:
+  """The full config and the parameter table (path, shape, sharding), for the record."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, f"config_{config.mode}.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  with open(os.path.join(workdir, "params.txt"), "w") as f:
+    f.write(f"{n_params} parameters ({n_params / 1e6:.2f}M)\n{sharding.describe(state['params'])}\n")
+
+
+def _metric_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
+  """`step 96/480 (epoch 2.0): loss 9.12 (negnce 8.7, tpm 0.42), grad_norm 3.1, 210 clips/s`."""
+  parts = [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in sorted(metrics.items())
+           if k.startswith("loss/") and k.count("/") == 1]
+  return (f"step {step}/{total} (epoch {metrics['epoch']:.1f}): loss {metrics['loss']:.4g} "
+          f"({', '.join(parts)}), grad_norm {metrics['grad_norm']:.3g}, "
+          f"{metrics['clips_per_s']:.1f} clips/s")
+
+
 # ==================================================================================================
 # train_and_evaluate.
 # ==================================================================================================
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or, with config.mode='eval', only evaluates) and returns the last evaluation's metrics."""
-  from tvr_jax import evaluate as evaluate_lib
-
-  # ---- logging ---------------------------------------------------------------------------------
+  # ---- checks: nothing touches devices or the workdir before the config and inputs are valid ------
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  logging.info("config:\n%s", config)
-  check_inputs(config)
+  datasets.check_inputs(config)
 
   # ---- mesh ------------------------------------------------------------------------------------
   # One mesh for the whole run; the batch is split over ('data', 'fsdp'), parameters over 'fsdp'.
   mesh = sharding.make_mesh(config.mesh.to_dict())
   sharding.check_batch_size(config.batch_size, mesh)
-  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+
+  # ---- logging ---------------------------------------------------------------------------------
+  # Console: a header, the progress bar, metric lines, evaluation tables. Everything else goes to
+  # WORKDIR/log.txt (library INFO logs reach the console with --verbosity=1).
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:   # only once every check above has passed
-    with open(os.path.join(workdir, f"config_{config.mode}.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  writer = _summary_writer(workdir)
+  log_path = reporting.setup_logging(workdir, reporting.console_verbosity())
+  logging.info("config:\n%s", config)
+  logging.info("mesh %s over %d devices (%d processes); log file %s", dict(mesh.shape),
+               jax.device_count(), jax.process_count(), log_path)
+  writer = reporting.summary_writer(workdir)
 
   # ---- input -----------------------------------------------------------------------------------
   # Each process reads its own 1/process_count of every global batch; data_lib assembles global
@@ -486,9 +398,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---- model and optimizer, created already sharded ---------------------------------------------
   state, setup = create_train_state(config, mesh, total_steps)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  logging.info("model: %.2fM parameters; sharding of the largest leaves:\n%s", n_params / 1e6,
-               "\n".join(sharding.describe(state["params"]).splitlines()[:20]))
 
   # ---- checkpoint: resume if the workdir has one -------------------------------------------------
   # Evaluation opens checkpoints read-only: it may run beside the training that writes them.
@@ -509,14 +418,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       restore_step = ckpt.latest_step()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   if restore_step is not None:
-    logging.info("restoring checkpoint %s", ckpt.step_dir(restore_step))
+    reporting.say(f"resuming from checkpoint {ckpt.step_dir(restore_step)}")
     state, data_state, _ = ckpt.restore(restore_step, abstract, setup.meta)
     if train_data is not None and data_state is not None:
       train_data.set_state(data_state)
+  _write_run_files(config, state, workdir)   # only once the checkpoint (if any) was accepted
 
   # ---- evaluators --------------------------------------------------------------------------------
   evaluator = evaluate_lib.Evaluator(config, mesh, setup.graphdef, has_rest=setup.has_rest,
                                      workdir=workdir, writer=writer)
+  for line in _run_header(config, mesh, train_data, evaluator, state, total_steps,
+                          steps_per_epoch, eval_every, workdir):
+    reporting.say(line)
   if config.mode == "eval":
     metrics = evaluator.run(state, step=int(jax.device_get(state["step"])))
     if ckpt is not None:
@@ -537,8 +450,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
   t_log, step_log = time.perf_counter(), step
-  logging.info("training steps %d..%d (%d per epoch, global batch %d)", step, total_steps,
-               steps_per_epoch, config.batch_size)
+  # Console metric lines at most once per epoch (the progress bar shows loss and clips/s live);
+  # every `log_every` steps go to the log file and TensorBoard.
+  console_every = max(config.log_every, steps_per_epoch)
   try:
     with _Preemption() as preemption:
       while step < total_steps:
@@ -559,7 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
           if progress is not None:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{metrics['clips_per_s']:.1f}")
-          _write_scalars(writer, step, {f"train/{k}": v for k, v in metrics.items()})
+          if step % console_every == 0 or is_last:
+            reporting.say(_metric_line(step, total_steps, metrics))
+          reporting.write_scalars(writer, step, {f"train/{k}": v for k, v in metrics.items()})
         eval_metrics = None
         if is_last or (eval_every > 0 and step % eval_every == 0):
           _check_finite(state, config)
@@ -572,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           ckpt.save(step, state, data_state=train_data.get_state(), metrics=eval_metrics,
                     meta=setup.meta)
         if preempted:
-          logging.warning("stopping at step %d after SIGTERM; resume with the same command", step)
+          reporting.say(f"stopping at step {step} after SIGTERM; resume with the same command")
           break
   finally:
     # Also on errors (NaN stop, KeyboardInterrupt): finish pending checkpoint writes, stop workers.

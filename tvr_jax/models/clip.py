@@ -24,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# flatten_params / unflatten_params are re-exported: converters and tests address CLIP weights by them.
+from tvr_jax.tree_paths import fill_params, flatten_params, unflatten_params  # noqa: F401
+
 # LayerNorm epsilon of PyTorch / OpenAI CLIP (Flax's default is 1e-6).
 LN_EPS = 1e-5
 CONFIG_FILE = "clip_config.json"
@@ -104,7 +107,8 @@ class CLIPConfig:
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "CLIPConfig":
-    """Named sizes: "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px", "tiny" (tests)."""
+    """Named sizes: "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px", and two small ones:
+    "tiny" (tests, 32 px) and "tiny-64" (the embedded synthetic default, 64 px frames)."""
     presets = {
         "ViT-B/32": dict(),
         "ViT-B/16": dict(patch_size=16),
@@ -115,6 +119,10 @@ class CLIPConfig:
         # Small widths for tests; the real vocabulary so the real tokenizer's ids are valid.
         "tiny": dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                      vision_heads=2, text_width=64, text_layers=2, text_heads=2),
+        # The synthetic set's model: tiny widths on 64 px frames cut into 16 px patches.
+        "tiny-64": dict(embed_dim=32, image_size=64, patch_size=16, vision_width=64,
+                        vision_layers=2, vision_heads=2, text_width=64, text_layers=2,
+                        text_heads=2),
     }
     if name not in presets:
       raise ValueError(f"unknown CLIP preset {name!r}; known: {sorted(presets)}")
@@ -407,28 +415,8 @@ class CLIP(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter trees as flat dicts ("visual/transformer/resblocks/0/attn/q_proj/kernel" -> array).
+# Parameter shapes and filling (flat dicts: "visual/transformer/resblocks/0/attn/q_proj/kernel").
 # ----------------------------------------------------------------------------------------------
-
-def flatten_params(tree: Any) -> dict[str, Any]:
-  """Nested dict (int or str keys) -> {"a/b/0/c": leaf}."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-  return out
-
-
-def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
-  """{"a/b/0/c": leaf} -> nested dict with string keys (the form saved with Orbax)."""
-  tree: dict[str, Any] = {}
-  for key, leaf in flat.items():
-    node = tree
-    *parents, last = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return tree
-
 
 def param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
   """Flat parameter name -> shape of a CLIP with `config`, without allocating weights."""
@@ -446,22 +434,7 @@ def clip_from_flat_params(config: CLIPConfig, flat: dict[str, Any], what: str = 
   """Builds a CLIP and fills every parameter from `flat` (exact key set and shapes required)."""
   model = nnx.eval_shape(lambda: CLIP(config, nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
-  target = flatten_params(nnx.to_pure_dict(state))
-  missing = sorted(set(target) - set(flat))
-  extra = sorted(set(flat) - set(target))
-  if missing or extra:
-    raise ValueError(f"{what}: parameters do not match CLIPConfig {config}: missing "
-                     f"{missing[:10]}, unexpected {extra[:10]}")
-  for key, leaf in target.items():
-    if tuple(np.shape(flat[key])) != tuple(leaf.shape):
-      raise ValueError(f"{what}: {key} has shape {tuple(np.shape(flat[key]))}, expected "
-                       f"{tuple(leaf.shape)}")
-
-  def fill(path, _):
-    key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    return jnp.asarray(flat[key], jnp.float32)
-
-  pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+  pure = fill_params(nnx.to_pure_dict(state), flat, f"{what} (CLIPConfig {config})")
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
   return model

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from tvr_jax import losses
 from tvr_jax.models import dmae, tpmcl
 from tvr_jax.models.clip import CLIP, CLIPConfig, load_clip
-from tvr_jax.models.temporal import TemporalHeader
+from tvr_jax.models.temporal import HEADERS, TemporalHeader
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,6 +77,8 @@ class RetrievalConfig:
   train_t2v_predictor: bool = False
 
   def __post_init__(self):
+    if self.header not in HEADERS:
+      raise ValueError(f"header must be one of {HEADERS}, got {self.header!r}")
     if self.contrastive_loss not in CONTRASTIVE_LOSSES:
       raise ValueError(f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}, got "
                        f"{self.contrastive_loss!r}")
@@ -89,6 +91,11 @@ class RetrievalConfig:
 
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
+
+  def similarity_kwargs(self) -> Dict[str, Any]:
+    """Keyword arguments of `dmae.dmae_similarity` this config implies (model and scorer alike)."""
+    return dict(textual_attention=self.textual_attention,
+                visual_attention=self.visual_attention, normalize=False)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "RetrievalConfig":
@@ -192,9 +199,8 @@ class RetrievalModel(nnx.Module):
   # Similarity and loss
   # --------------------------------------------------------------------------------------------
   def similarity_kwargs(self) -> Dict[str, Any]:
-    """Keyword arguments of `dmae.dmae_similarity` this config implies (used by the scorer)."""
-    return dict(textual_attention=self.config.textual_attention,
-                visual_attention=self.config.visual_attention, normalize=False)
+    """Keyword arguments of `dmae.dmae_similarity` this model's config implies."""
+    return self.config.similarity_kwargs()
 
   def similarity(self, text_feats: TextFeatures, video_feats: VideoFeatures) -> jax.Array:
     """DMAE similarity S [Bt, Bv] from `encode_text` and `encode_video` outputs."""

@@ -25,11 +25,15 @@ import os
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from data_prep.frames import FrameOptions
+from tvr_jax import checkpointing
+from tvr_jax.models import build as build_lib
+from tvr_jax.models import clip as clip_lib
+from tvr_jax.models import retrieval
+from tvr_jax.tree_paths import fill_params, flatten_params
 
 TextFeatures = Tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -48,7 +52,7 @@ def params_digest(params: Any, identity: dict) -> str:
   leaves = jax.tree_util.tree_leaves_with_path(params)
   for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
     arr = np.ascontiguousarray(np.asarray(leaf))
-    h.update(jax.tree_util.keystr(path).encode())
+    h.update(jax.tree_util.keystr(path).encode())   # this spelling keeps existing index ids valid
     h.update(str((arr.shape, arr.dtype.str)).encode())
     h.update(arr.tobytes())
   return "sha256:" + h.hexdigest()
@@ -85,8 +89,7 @@ class RetrievalSearchModel:
                                   visual_attention=cfg.visual_attention)
     graphdef, state = nnx.split(model)
     self._state = state
-    sizes = {k: v for k, v in clip_cfg.to_dict().items()
-             if k not in ("dtype", "remat", "attention_impl")}
+    sizes = {k: v for k, v in clip_cfg.to_dict().items() if k not in build_lib.COMPUTE_FIELDS}
     identity = {"retrieval": cfg.to_dict(), "clip": sizes,
                 "frames": dataclasses.asdict(frame_options), **(identity_extra or {})}
     self.model_id = params_digest(nnx.to_pure_dict(nnx.state(model, nnx.Param)), identity)
@@ -135,27 +138,20 @@ class RetrievalSearchModel:
     return np.asarray(w), np.asarray(f)
 
 
-def _path_name(path) -> str:
-  """'a/0/b' for a pytree key path (int and str keys alike: Orbax restores list indices as str)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def _find_step_dir(path: str) -> Tuple[str, str]:
   """(work directory, step directory) of a training work dir or one of its step dirs."""
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+  if checkpointing.is_step_dir(path):
     return os.path.dirname(os.path.dirname(path)), path
   ckpt_root = os.path.join(path, "checkpoints")
   if not os.path.isdir(ckpt_root):
     raise ModelLoadError(
         f"{path} is neither a training work directory (with checkpoints/), a step directory "
         "(checkpoints/<step>/state) nor a converted CLIP directory (clip_config.json)")
-  # Finalized steps only: Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames at the end.
-  steps = sorted(int(n) for n in os.listdir(ckpt_root)
-                 if n.isdigit() and os.path.isdir(os.path.join(ckpt_root, n, "state")))
-  if not steps:
+  step_dir = checkpointing.latest_step_dir(ckpt_root)
+  if step_dir is None:
     raise ModelLoadError(f"{ckpt_root} holds no finished checkpoint (no <step>/state directory)")
-  return path, os.path.join(ckpt_root, str(steps[-1]))
+  return path, step_dir
 
 
 def _load_run_config(workdir: str):
@@ -185,9 +181,6 @@ def load_retrieval_model(checkpoint: str, *, video_batch: int = 8) -> RetrievalS
   Raises:
     ModelLoadError: the path holds none of these, or the parameters do not fit the config.
   """
-  from tvr_jax import checkpointing
-  from tvr_jax.models import clip as clip_lib
-  from tvr_jax.models import retrieval
   path = os.path.abspath(os.fspath(checkpoint))
   if not os.path.exists(path):
     raise ModelLoadError(f"checkpoint {path} does not exist")
@@ -200,28 +193,21 @@ def load_retrieval_model(checkpoint: str, *, video_batch: int = 8) -> RetrievalS
                                 video_batch=video_batch, identity_extra={"zero_shot": True})
   workdir, step_dir = _find_step_dir(path)
   config, config_path = _load_run_config(workdir)
-  from tvr_jax import train as train_lib
   try:
-    model = train_lib.build_model(config, load_weights=False)
+    model = build_lib.build_model(config, load_weights=False)
   except (FileNotFoundError, OSError) as e:
     raise ModelLoadError(f"cannot rebuild the model of {config_path}: {e} (the converted CLIP "
                          f"named by init_from={config.init_from!r} gives its sizes)") from e
   try:
-    saved = checkpointing.restore_pytree(os.path.join(step_dir, "state"))
-  except Exception as e:  # noqa: BLE001 - any Orbax failure means an unusable checkpoint
-    raise ModelLoadError(f"checkpoint {step_dir} is unreadable ({type(e).__name__}: {e})") from e
-  if not isinstance(saved, dict) or "params" not in saved:
-    raise ModelLoadError(f"checkpoint {step_dir}/state has no 'params' entry")
+    saved = checkpointing.restore_train_params(step_dir)
+  except checkpointing.CheckpointError as e:
+    raise ModelLoadError(str(e)) from e
   state = nnx.state(model, nnx.Param)
-  target = nnx.to_pure_dict(state)
-  got = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved["params"])}
-  want = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
-  if want != {k: tuple(np.shape(x)) for k, x in got.items()}:
-    diff = sorted(k for k in set(want) | set(got)
-                  if want.get(k) != (tuple(np.shape(got[k])) if k in got else None))
-    raise ModelLoadError(f"checkpoint {step_dir} does not fit the model of {config_path}: "
-                         f"differing parameters {diff[:5]}")
-  values = jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(got[_path_name(p)]), target)
+  try:
+    values = fill_params(nnx.to_pure_dict(state), flatten_params(saved),
+                         f"checkpoint {step_dir} vs the model of {config_path}")
+  except ValueError as e:
+    raise ModelLoadError(str(e)) from e
   nnx.replace_by_pure_dict(state, values)
   nnx.update(model, state)
   options = FrameOptions(fps=1.0, num_frames=int(config.num_frames),
