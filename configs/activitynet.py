@@ -1,4 +1,6 @@
-r"""ActivityNet Captions paragraph-to-video, CLIP ViT-B/32 (SPEC §6: L=64, F=64, 20 epochs, batch 64).
+r"""ActivityNet Captions paragraph-to-video, CLIP ViT-B/32: L=64, F=64, 20 epochs, batch 64.
+
+The recipe is docs/method.md §6.
 
 Prepare (once):
   python -m tvr_jax.convert --src ViT-B-32.pt --out checkpoints/ViT-B-32

@@ -1,4 +1,6 @@
-r"""MSR-VTT (9k train, 1k-A test), CLIP ViT-B/32, DMAE + NegNCE + TPM-CL (SPEC §6: L=32, F=12, 5 epochs, batch 128).
+r"""MSR-VTT (9k train, 1k-A test), CLIP ViT-B/32, DMAE + NegNCE + TPM-CL: L=32, F=12, 5 epochs.
+
+Batch 128; the recipe is docs/method.md §6.
 
 Prepare (once):
   python -m tvr_jax.convert --src ViT-B-32.pt --out checkpoints/ViT-B-32

@@ -117,7 +117,7 @@ def make_config(fps: float = 1.0, num_frames: int = 12, resolution: int = 224,
 
 
 def default_configs(num_frames: int) -> list[VideoTextConfig]:
-  """The default config list of a dataset: 1 fps, `num_frames` frames, 224 px (SPEC §6)."""
+  """The default configs of a dataset: 1 fps, `num_frames` frames, 224 px (docs/method.md §6)."""
   return [make_config(num_frames=num_frames)]
 
 

@@ -1,10 +1,10 @@
 """Frame extraction: video file -> F JPEG frames at R x R, a frame mask and the duration.
 
-The recipe is CLIP4Clip's (SPEC §6): decode at `fps` frames per second (the first frame at or after
-each sampling time t = start, start + 1/fps, ..., up to `end` inclusive), keep `num_frames` of them
-picked uniformly when there are more (`np.linspace(0, n - 1, F).astype(int)`, CLIP4Clip's
-`slice_framepos=2`), pad with black frames and a 0 mask when there are fewer, resize the short side to
-R with Pillow's bicubic filter (torchvision's `Resize(R)` size rule: the long side is
+The recipe is CLIP4Clip's (docs/method.md §6): decode at `fps` frames per second (the first frame
+at or after each sampling time t = start, start + 1/fps, ..., up to `end` inclusive), keep
+`num_frames` of them picked uniformly when there are more (`np.linspace(0, n - 1, F).astype(int)`,
+CLIP4Clip's `slice_framepos=2`), pad with black frames and a 0 mask when there are fewer, resize the
+short side to R with Pillow's bicubic filter (torchvision's `Resize(R)` size rule: the long side is
 `int(R * long / short)`), centre-crop R x R (torchvision's `CenterCrop` rounding) and JPEG-encode.
 
 Faults in the input raise `VideoError(kind, path, detail)` with `kind` one of `VIDEO_ERROR_KINDS`, so a

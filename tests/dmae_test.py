@@ -1,4 +1,4 @@
-"""DMAE similarity against a brute-force Python-loop implementation of SPEC §3."""
+"""DMAE similarity against a brute-force Python-loop implementation of docs/method.md §3."""
 
 import jax
 import jax.numpy as jnp

@@ -133,7 +133,7 @@ def test_golden_clip4clip_metrics(golden):
   assert checked == set(golden), f"golden keys not checked: {sorted(set(golden) - checked)}"
   print("largest relative golden error:", max(errors.values()), max(errors, key=errors.get))
 
-  # Without compat, multi t2v MdR is the usual median (README §7: 4.5 instead of 4.0).
+  # Without compat, multi t2v MdR is the usual median (docs/method.md §A.7: 4.5 instead of 4.0).
   default = metrics.retrieval_metrics(sim, caption_video)
   assert default["t2v/MdR"] == 4.5 and res["t2v/MdR"] == 4.0
   assert {k: v for k, v in default.items() if k != "t2v/MdR"} == pytest.approx(
@@ -141,7 +141,7 @@ def test_golden_clip4clip_metrics(golden):
 
 
 def test_float32_recall_rounding():
-  # README §7: 100 * 1/3 comes out as 33.33333206..., not 33.333333...
+  # docs/method.md §A.7: 100 * 1/3 comes out as 33.33333206..., not 33.333333...
   res = metrics.rank_metrics(np.array([0, 5, 12]), float32_recall=True)
   assert res["R@1"] == float(np.float32(100) / np.float32(3))
   assert abs(res["R@1"] - 33.33333206) < 1e-8 and res["R@1"] != 100 / 3

@@ -113,7 +113,7 @@ def test_seqtransf_model_initialised_from_text_blocks(seq_model):
 
 
 def test_new_module_names_follow_the_weight_decay_rules(seq_model):
-  """Norms, biases, embeddings of the new modules are named so that no decay applies (SPEC §6)."""
+  """Norms, biases, embeddings of new modules are named so no decay applies (docs/method.md §6)."""
   from tvr_jax import optimizer, sharding
   mask = optimizer.decay_mask(nnx.state(seq_model, nnx.Param))
   decayed = {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]

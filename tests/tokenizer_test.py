@@ -31,7 +31,7 @@ _MOJIBAKE = ["cafÃ©", "Ã¼ber", "â€™", "donâ€™t", "Ã±andu", "naÃ
 _QUOTES = ["“", "”", "‘", "’", "«", "»", "„", "‚", "“curly”", "‘single’", "it’s"]
 _SPACES = ["\t", "\n", "\r\n", "  ", "\u00a0", "\u2003", "\u3000", "\r", "\x0b", "\x0c"]
 _CONTROL = ["\x00", "\x1b[31m", "\x7f", "\u200b", "\ufeff", "\x85", "\x1c", "\u2028"]
-_SPECIAL_LITERALS = ["<start_of_text>", "<end_of_text>", "<|startoftext|>", "<|endoftext|>"]
+_MARKER_LITERALS = ["<start_of_text>", "<end_of_text>", "<|startoftext|>", "<|endoftext|>"]
 
 
 def _random_word(rng: random.Random) -> str:
@@ -54,7 +54,7 @@ def _captions(n: int = 1200, seed: int = 0) -> list[str]:
   """`n` random messy captions plus fixed edge cases."""
   rng = random.Random(seed)
   groups = [(_WORDS, 30), (_NUMBERS, 5), (_PUNCT, 6), (_CONTRACTIONS, 3), (_SCRIPTS, 3),
-            (_EMOJI, 2), (_ENTITIES, 3), (_MOJIBAKE, 2), (_QUOTES, 2), (_SPECIAL_LITERALS, 1),
+            (_EMOJI, 2), (_ENTITIES, 3), (_MOJIBAKE, 2), (_QUOTES, 2), (_MARKER_LITERALS, 1),
             (_CONTROL, 1)]
   pools = [g for g, _ in groups]
   weights = [w for _, w in groups]

@@ -1,6 +1,6 @@
 """Contrastive losses on a square similarity matrix S [B, B] (rows = texts, columns = videos).
 
-`negnce` is the release's NegNCE (SPEC §4, golden README §4): InfoNCE-like positive term plus a
+`negnce` is the release's NegNCE (docs/method.md §4, §A.4): InfoNCE-like positive term plus a
 penalty on hard negatives read off S itself. `infonce` is CLIP4Clip's CrossEn. Both use a fixed
 scale lambda = 100 (not CLIP's learnable logit scale). S spans the global batch: under `jax.jit`
 with sharded inputs the matrix already covers every device, so no all-gather is written here.

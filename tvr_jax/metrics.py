@@ -1,4 +1,4 @@
-"""Text-video retrieval metrics on similarity matrices (SPEC §7): R@1/5/10, MdR, MnR.
+"""Text-video retrieval metrics on similarity matrices (docs/method.md §7): R@1/5/10, MdR, MnR.
 
 Conventions:
 - `sim` is a numpy-compatible [N_text, N_video] matrix: rows are text queries, columns videos.
@@ -17,10 +17,10 @@ Conventions:
   `t2v/StdR` (population standard deviation of the 1-based ranks), the same for `v2t/`. R@k is in
   percent; MdR, MnR and StdR are 1-based. Dual-softmax rows carry the prefix `dsl/`.
 
-`clip4clip_compat=True` reproduces CLIP4Clip's published protocol where it differs (golden
-README §7): its multi-caption text→video MdR is `torch.median`'s LOWER middle value for an even
-count, and its multi-caption text→video R@k are rounded to float32. Everything else (including the
-tie and NaN rule, which CLIP4Clip leaves to argsort order) is the same in both modes.
+`clip4clip_compat=True` reproduces CLIP4Clip's published protocol where it differs
+(docs/method.md §7, §A.7): its multi-caption text→video MdR is `torch.median`'s LOWER middle value
+for an even count, and its multi-caption text→video R@k are rounded to float32. Everything else
+(including the tie and NaN rule, which CLIP4Clip leaves to argsort order) is the same in both modes.
 
 Memory: ranking works on row blocks and builds one boolean block at a time, so the 27,700 × 670
 MSVD matrix never needs more than one extra copy of itself.
@@ -208,8 +208,8 @@ def dual_softmax(sim, temperature: float = 0.01, axis: int = 0) -> np.ndarray:
 
   For retrieval along rows, the softmax runs over the OTHER queries (axis 0): a candidate that
   scores high for many queries is down-weighted. It reads the whole query set, so its results are
-  reported in separate `dsl/` rows (SPEC §7). temperature 0.01 equals CLIP's logit scale of 100 on
-  cosine similarities.
+  reported in separate `dsl/` rows (docs/method.md §7). temperature 0.01 equals CLIP's logit
+  scale of 100 on cosine similarities.
 
   Args:
     sim: [N_query, N_candidate] scores.

@@ -1,4 +1,4 @@
-"""The optax chain of SPEC §6: parameter groups, decoupled weight decay, warmup + cosine, clipping.
+"""The optax chain of docs/method.md §6: lr groups, decoupled decay, warmup + cosine, clipping.
 
     clip_by_global_norm(1.0)
       → per group g (regex on the parameter path, first match wins):
@@ -28,7 +28,7 @@ import optax
 
 from tvr_jax import sharding
 
-# Leaves that never get weight decay (SPEC §6): biases, norms, embeddings, logit scale.
+# Leaves that never get weight decay (docs/method.md §6): biases, norms, embeddings, logit scale.
 DEFAULT_NO_DECAY = (
     r"(^|/)bias$",
     r"(^|/)(ln_[^/]*|[^/]*norm[^/]*)/",        # every leaf of a LayerNorm module (scale and bias)

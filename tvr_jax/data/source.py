@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 CAPTION_MODES = ("random", "all", "paragraph")
-"""How captions become text examples (SPEC §6):
+"""How captions become text examples (docs/method.md §6):
 - "random": one example per video visit, with one of its captions drawn at random;
 - "all": every caption is its own example (MSR-VTT and MSVD training; every multi-caption eval);
 - "paragraph": one example per video, its captions joined in order (DiDeMo, ActivityNet).

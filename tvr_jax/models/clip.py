@@ -1,4 +1,4 @@
-"""OpenAI CLIP text and vision towers in Flax NNX (SPEC §1), and `load_clip`.
+"""OpenAI CLIP text and vision towers in Flax NNX (docs/method.md §1), and `load_clip`.
 
 The module tree mirrors OpenAI's PyTorch names (`visual.transformer.resblocks[i].attn`, `ln_pre`,
 `token_embedding`, `text_projection`, ...), so weight conversion (`tvr_jax.convert`) is a readable

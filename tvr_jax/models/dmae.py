@@ -1,4 +1,4 @@
-"""DMAE similarity (SPEC §3): token-wise interaction with dual-modal attention, on encoded features.
+"""DMAE similarity (docs/method.md §3): token-wise interaction with dual-modal attention.
 
 Everything here is a pure function of feature arrays, so training (one global batch) and evaluation
 (cached embeddings scored block by block, `tvr_jax/scoring.py`) share the same code. The optional
@@ -7,7 +7,7 @@ learned token weights ("wti", DRL style) are the one module with parameters, `To
 Shapes: texts `Bt`, videos `Bv`, words per text `L` (with start/end tokens), visual tokens per video
 `Nv`, feature width `D`.
 
-Facts pinned down by the release and its golden data (`golden/README.md` §3, §9):
+Facts pinned down by the release and its golden data (docs/method.md §A.3, §A.9):
 - masked similarity entries are exactly 0, not -inf, so a padded frame's 0 can win a max;
 - keyword weights (text mask value 2) act only through the averaging weights alpha = m / sum(m);
   the scores use min(m, 1), and the sentence branch reads only the first column of the text mask;
@@ -109,7 +109,7 @@ def dmae_similarity(sent: jax.Array, words: jax.Array, text_mask: jax.Array, fra
                     visual_attention: bool = True, normalize: bool = True,
                     word_weights: Optional[jax.Array] = None,
                     frame_weights: Optional[jax.Array] = None) -> jax.Array:
-  """The DMAE similarity matrix S (SPEC §3), rows = texts, columns = videos.
+  """The DMAE similarity matrix S (docs/method.md §3), rows = texts, columns = videos.
 
   Args:
     sent: [Bt, D] sentence features.

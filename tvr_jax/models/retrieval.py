@@ -1,4 +1,4 @@
-"""The retrieval model: CLIP towers + temporal header + DMAE head + TPM-CL predictors (SPEC §1-§6).
+"""The retrieval model: CLIP towers + temporal header + DMAE head + TPM-CL (docs/method.md §1-§6).
 
     ids [B, L]            -> encode_text  -> (sentence [B, D], words [B, L, D], text mask [B, L])
     frames [B, F, H, W, 3] -> encode_video -> (visual tokens [B, F, D] after header, mask [B, F])
@@ -8,7 +8,8 @@
 All features handed to the head are float32 and L2-normalised: the release normalises the text
 features and the per-frame features, then applies the temporal header and does not normalise its
 output (`renormalize_after_header` is CLIP4Clip's behaviour). The TPM-CL "full" video side uses the
-tokens before the header and the masked side goes through the header (golden README §9.9).
+tokens before the header and the masked side goes through the header (docs/method.md §5.3, §A.9
+item 9).
 """
 
 import dataclasses
@@ -41,7 +42,7 @@ def normalize_frames(frames: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
-  """What the retrieval head computes; defaults are the paper's full model (SPEC §2-§6).
+  """What the retrieval head computes; defaults are the paper's full model (docs/method.md §2-§6).
 
   Attributes:
     header: temporal header, "meanP" (default) or "seqTransf".

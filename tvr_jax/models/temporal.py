@@ -1,4 +1,4 @@
-"""Temporal header over per-frame features (SPEC §2).
+"""Temporal header over per-frame features (docs/method.md §2).
 
 `meanP` is parameter-free: the tokens pass unchanged (DMAE's token-wise interaction replaces
 CLIP4Clip's mean pooling). `seqTransf` (CLIP4Clip): add learned frame position embeddings, run 4

@@ -1,10 +1,10 @@
-"""TPM-CL (SPEC §5): cross-modal token-weight predictors, adaptive masking and triplet margins.
+"""TPM-CL (docs/method.md §5): cross-modal token-weight predictors, adaptive masking, margins.
 
 Training only. Computed on the matched pairs (i, i) alone, which is exact and O(B) (the release
 scores every pair block by block and reads the diagonal; with more than 8 samples per device its
-bookkeeping pairs the wrong items, SPEC §9).
+bookkeeping pairs the wrong items, docs/method.md §9).
 
-Faithful to the release (golden README §5, §9):
+Faithful to the release (docs/method.md §A.5, §A.9):
 - the predictor ignores padding (padded words and frames get weight, can be zeroed, shape t_g);
 - adaptive masking zeroes the highest-weight tokens whose cumulative weight stays below tau, by a
   stop-gradient selection; zeroed tokens keep their mask bit;

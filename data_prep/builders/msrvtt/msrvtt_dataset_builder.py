@@ -8,8 +8,8 @@ Raw layout (CLIP4Clip's `msrvtt_data/` + videos), anywhere under the manual dire
     **/videoN.mp4             (CLIP4Clip falls back to `videoN.webm`)
 
 Split "train": one example per video of the 9k list with every caption of that video in
-`MSRVTT_data.json` (SPEC §6: training pairs every caption with its video). Split "test": the 1k-A
-videos with the JSFUSION sentence as their only caption.
+`MSRVTT_data.json` (docs/method.md §6: training pairs every caption with its video). Split "test":
+the 1k-A videos with the JSFUSION sentence as their only caption.
 """
 
 from __future__ import annotations
