@@ -66,7 +66,7 @@ since once where when why how there here
 be am is are was were been being have has had having do does did doing done
 can could may might must shall should will would ought
 not very too also just only even still again ever always never often sometimes already
-now soon really quite rather almost more most much many few less least lot lots
+now soon really quite rather almost more most much many several few less least lot lots
 s t re ve m ll d don doesn didn isn aren wasn weren hasn haven hadn won wouldn shouldn couldn
 cannot mustn needn ain
 oh ok okay yes yeah hey hi um uh
@@ -101,17 +101,24 @@ def _tagger():
   """TextBlob's Brill tagger with its lexical and contextual rules: tokens -> Penn tags."""
   try:
     from textblob import en as textblob_en
-    from textblob._text import find_tags
+    from textblob._text import Context, find_tags
   except ImportError as e:  # not installed, or a version without the pattern tagger
     raise ImportError("keyword masks need textblob (pip install textblob==0.20.1): "
                       f"{e}") from e
   lexicon = textblob_en.lexicon
+  context = Context(lexicon, path=lexicon.context.path)
+  # One shipped rule, "NN PRP PREVWD are mine", gives PREVWD (one argument) two: applied as
+  # written it retags EVERY noun after "are" as a pronoun ("people are dancing" -> dancing/PRP).
+  # Its evident meaning is the word bigram "are mine" (LBIGRAM: previous word, this word).
+  rules = list(context)  # loads the rule file
+  context[:] = [r[:2] + ["LBIGRAM"] + r[3:] if r[2].lower() == "prevwd" and len(r) > 4 else r
+                for r in rules]
 
   def tag(tokens: list[str]) -> list[str]:
     # textblob's own Parser.find_tags drops the morphology and context rules; passing them here
     # makes it the full Brill tagger.
     tagged = find_tags(tokens, lexicon=lexicon, morphology=lexicon.morphology,
-                       context=lexicon.context, default=("NN", "NNP", "CD"), language="en")
+                       context=context, default=("NN", "NNP", "CD"), language="en")
     return [t for _, t in tagged]
 
   return tag
