@@ -211,3 +211,53 @@ def test_train_iterator_follows_the_config_switch(monkeypatch):
     config.model.keyword_weighting = on
     train.train_iterator(config, mesh=None)
     assert seen["keyword_weighting"] is on
+
+
+def test_indexed_context_rules_match_textblobs_context_apply():
+  """The fast rule application gives exactly textblob's `Context.apply` tags (the reference)."""
+  from textblob import en as textblob_en
+  from textblob._text import Context, find_tags
+  from tvr_jax import keywords
+  lexicon = textblob_en.lexicon
+  rules = keywords.context_rules()
+  reference = Context(lexicon, path=lexicon.context.path)
+  reference[:] = rules
+  fast = keywords._IndexedContext(rules)  # noqa: SLF001 - the private piece under test
+  # Hand-labelled captions plus random word sequences: frequent lexicon words and the words the
+  # rules name (so word-conditioned rules get their chance to fire).
+  rng = np.random.default_rng(0)
+  rule_words = sorted({w for r in rules for w in r[3:] if w and not w.isupper()})
+  vocab = sorted(lexicon)[:: max(1, len(lexicon) // 3000)] + rule_words
+  sequences = [[w for w, _ in keyword_words([c])[0]] for c, _ in _labelled_captions()]
+  sequences += [list(rng.choice(vocab, size=rng.integers(1, 14))) for _ in range(3000)]
+  changed = 0
+  for tokens in sequences:
+    if not tokens:
+      continue
+    before = find_tags(tokens, lexicon=lexicon, morphology=lexicon.morphology, context=None,
+                       default=("NN", "NNP", "CD"), language="en")
+    want = reference.apply([list(t) for t in before])
+    got = fast.apply([list(t) for t in before])
+    assert [list(t) for t in got] == [list(t) for t in want], tokens
+    changed += [list(t) for t in want] != [list(t) for t in before]
+  assert changed > 300  # the rules did fire, often
+
+
+def test_the_repaired_rule_no_longer_turns_nouns_after_are_into_pronouns():
+  from tvr_jax import keywords
+  rules = keywords.context_rules()
+  assert ["NN", "PRP", "LBIGRAM", "are", "mine"] in rules
+  assert not any(r[2].lower() == "prevwd" and len(r) > 4 for r in rules)
+  assert keyword_words("people are dancing")[0] == [("people", True), ("are", False),
+                                                      ("dancing", True)]
+
+
+def test_benchmark_quick_prints_summary():
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "benchmarks/keywords.py", "--quick"], cwd=root,
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = [l for l in out.stdout.splitlines() if l.startswith("summary: ")]
+  assert len(summary) == 1 and "new captions/s" in summary[0], out.stdout
