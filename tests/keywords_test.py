@@ -163,20 +163,21 @@ def train_split(tmp_path_factory):
   from data_prep.synthetic import generate
   from tvr_jax.data import VideoSplit
   config = generate.SyntheticConfig(num_train=8, num_val=0, num_test=2, duration=2.0, fps=2,
-                                    video_resolution=16, captions_per_video=2, seed=3)
+                                    video_resolution=32, captions_per_video=2, seed=3)
   root = tmp_path_factory.mktemp("keywords")
   generate.write_raw(config, str(root / "raw"), progress=False)
-  build.build("synthetic", str(root / "raw"), str(root / "out"), num_frames=2, resolution=16,
+  build.build("synthetic", str(root / "raw"), str(root / "out"), num_frames=2, resolution=32,
               workers=1, progress=False)
   return VideoSplit.open(str(root / "out"), "train", dataset="synthetic", progress=False)
 
 
-@pytest.mark.parametrize("on", [False, True])
-def test_training_batch_carries_keyword_mask_only_when_on(train_split, on):
+@pytest.mark.parametrize("on,workers", [(False, 0), (True, 0), (True, 1)])
+def test_training_batch_carries_keyword_mask_only_when_on(train_split, on, workers):
+  """Off: no key at all; on: the mask of each row's caption, also from a Grain worker process."""
   from tvr_jax.data import TrainIterator
   length = 16
   it = TrainIterator(train_split, global_batch_size=4, caption_mode="all", context_length=length,
-                     seed=0, keyword_weighting=on)
+                     seed=0, keyword_weighting=on, worker_count=workers)
   flat = [c for caps in train_split.captions for c in caps]
   for _ in range(2):
     batch = next(it)
@@ -190,6 +191,32 @@ def test_training_batch_carries_keyword_mask_only_when_on(train_split, on):
     np.testing.assert_array_equal(batch["keyword_mask"], keyword_mask(texts, length))
     assert batch["keyword_mask"].any()  # synthetic captions name shapes, colours, motions
   it.close()
+
+
+def test_model_loss_reads_the_batch_mask(train_split):
+  """A keyword-weighting model takes the iterator's batch as is, and needs its mask (what the mask
+  does inside the model is tested in retrieval_test / dmae_test)."""
+  from flax import nnx
+  import jax.numpy as jnp
+  from tvr_jax.data import TrainIterator
+  from tvr_jax.models.clip import CLIPConfig
+  from tvr_jax.models.retrieval import RetrievalConfig, RetrievalModel
+  length = 16
+  it = TrainIterator(train_split, global_batch_size=4, caption_mode="all", context_length=length,
+                     seed=0, keyword_weighting=True)
+  batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+  it.close()
+  model = RetrievalModel(RetrievalConfig(max_words=length, max_frames=2, keyword_weighting=True,
+                                         partial_type=0),
+                         clip_config=CLIPConfig.preset("tiny", embed_dim=64, text_layers=4),
+                         rngs=nnx.Rngs(0))
+  loss_fn = nnx.jit(lambda m, b: m.loss(b)[0])  # jitted: eager NNX is far slower
+  loss = float(loss_fn(model, batch))
+  assert np.isfinite(loss) and np.asarray(batch["keyword_mask"]).any()
+  unweighted = dict(batch, keyword_mask=jnp.zeros_like(batch["keyword_mask"]))
+  assert float(loss_fn(model, unweighted)) != loss  # the weights reach the similarity
+  with pytest.raises(ValueError, match="keyword_mask"):
+    model.loss({k: v for k, v in batch.items() if k != "keyword_mask"})
 
 
 def test_train_iterator_follows_the_config_switch(monkeypatch):

@@ -12,12 +12,16 @@ not in `STOP_WORDS`. `keyword_mask` marks those tokens, aligned column for colum
 Part of speech comes from TextBlob's English Brill tagger (Tom de Smedt's pattern tagger: a
 ~100k-word lexicon, suffix rules for unknown words and contextual rules that revise a word's tag
 from its neighbours). Its lexicon and rules ship inside the `textblob` wheel, so nothing is
-downloaded; the tags are Penn Treebank tags (NN*, JJ*, VB* are keywords).
+downloaded; the tags are Penn Treebank tags (NN*, JJ*, VB* are keywords). The contextual rules are
+applied by `_IndexedContext` (textblob's result, faster), with one broken rule repaired
+(`context_rules`).
 
 Alignment uses only the public `tokenize`: the text is cleaned and split into CLIP's pre-tokens
 (the tokenizer's word regex), and each pre-token's BPE piece count is `tokenize([pre_token])`
 minus start/end (cached per pre-token), so the pieces of consecutive pre-tokens fill consecutive
-columns after the start token, truncated where `tokenize` truncates.
+columns after the start token, truncated where `tokenize` truncates. Each caption's result is
+cached too (one byte per BPE token), so later epochs cost a lookup. Choice of tagger, accuracy and
+speed: docs/keywords.md.
 """
 
 from __future__ import annotations
@@ -220,7 +224,8 @@ def _analyse(text: str) -> tuple[tuple[str, ...], tuple[bool, ...]]:
 def _token_flags(text: str) -> bytes:
   """One byte (0/1) per BPE token of the whole text (no start/end, untruncated); cached per caption.
 
-  Bytes keep the cache small (~150 B a caption: ~30 MB per process for MSR-VTT's 180k captions).
+  Bytes keep the cache small (~290 B for a 15-word caption with the cache's overhead: at most
+  ~50 MB per process for MSR-VTT's 180k training captions).
   """
   pre_tokens, flags = _analyse(text)
   return b"".join((b"\x01" if flag else b"\x00") * _num_pieces(w)
