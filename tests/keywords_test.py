@@ -1,4 +1,4 @@
-"""Keyword masks: word labels against hand-labelled captions, exact BPE alignment, training batches."""
+"""Keyword masks: words against hand-labelled captions, exact BPE alignment, training batches."""
 
 import os
 
@@ -156,7 +156,7 @@ def test_bad_inputs_fail_clearly():
     keyword_mask(["a dog"], 1)
 
 
-# ---- training batches -----------------------------------------------------------------------------
+# ---- training batches ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def train_split(tmp_path_factory):
   from data_prep import build
