@@ -186,7 +186,7 @@ def test_sigkill_and_resume_is_bit_identical(small_synthetic_data, tmp_path):
   resumed = subprocess.run(main_command("smoke", run_dir, **flags), env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"restoring checkpoint {ckpt_dir}/{max(killed_at)}" in resumed.stderr
+  assert f"resuming from checkpoint {ckpt_dir}/{max(killed_at)}" in resumed.stdout   # the console line
   _, ref_err = ref.communicate(timeout=300)
   assert ref.returncode == 0, ref_err[-3000:]
   ref_state, ref_metrics = _read_final(ref_dir, steps)
