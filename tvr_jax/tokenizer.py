@@ -49,10 +49,9 @@ _WORDS_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # contains "<start_of_text>" / "<end_of_text>" gets the special id there, exactly as in open_clip;
 # "!<start_of_text>" is not special there, because the punctuation run swallows the "<".
 _WORD_PATTERN = regex.compile(_SOT + "|" + _EOT + "|" + _WORDS_REGEX, regex.IGNORECASE)
-_SOT_PATTERN = regex.compile(regex.escape(_SOT), regex.IGNORECASE)
-_EOT_PATTERN = regex.compile(regex.escape(_EOT), regex.IGNORECASE)
-# Cleaned (lower-cased) text without this substring cannot contain a special token: under the
-# regex's case folding only U+017F (long s) matches an ASCII letter of them, the "s" of "start".
+# Only a word spelled exactly like a special token gets its id (so "<\u017ftart_of_text>", one word
+# under the regex's case folding, is BPE-encoded as in open_clip). Text without this substring has
+# no such word and can take the Rust path, whose regex has no special-token branches.
 _SPECIAL_MARK = "_of_text>"
 # Printable ASCII without '&', plus tab / newline / carriage return. On such text ftfy.fix_text
 # changes nothing that survives whitespace collapsing (no mojibake, entities, curly quotes, control
@@ -135,15 +134,6 @@ def clean_text(text: str) -> str:
   return " ".join(text.split()).lower()
 
 
-def _canonical_special(word: str) -> str:
-  """Spells a regex word that matched a special token the way the vocabulary does."""
-  if _SOT_PATTERN.fullmatch(word):
-    return _SOT
-  if _EOT_PATTERN.fullmatch(word):
-    return _EOT
-  return word
-
-
 class CLIPTokenizer:
   """CLIP's BPE tokenizer: `encode`/`decode` single texts, call on a batch for padded ids.
 
@@ -207,11 +197,8 @@ class CLIPTokenizer:
         text_rows.append(row)
         text_batch.append(text)
       else:
-        words = _WORD_PATTERN.findall(text)
-        if _SPECIAL_MARK in text:
-          words = [_canonical_special(w) for w in words]
         word_rows.append(row)
-        word_batch.append(words)
+        word_batch.append(_WORD_PATTERN.findall(text))
     out: list[list[int]] = [[] for _ in cleaned]
     if text_batch:
       encodings = self._text.encode_batch_fast(text_batch, add_special_tokens=False)
