@@ -34,7 +34,8 @@ import regex
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-__all__ = ["CLIPTokenizer", "clean_text", "default_vocab_path", "get_tokenizer", "tokenize"]
+__all__ = ["CLIPTokenizer", "clean_text", "default_vocab_path", "get_tokenizer", "load_vocabulary",
+           "tokenize"]
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 # Lines 1 .. 48,894 of the vocabulary file are the merges (line 0 is a header), so that
@@ -103,12 +104,21 @@ def _bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, map(chr, cs)))
 
 
-def _read_merges(vocab_path: str) -> list[tuple[str, str]]:
-  """The 48,894 merges of a `bpe_simple_vocab_16e6.txt.gz`-format file, in rank order.
+def load_vocabulary(vocab_path: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+  """Reads a `bpe_simple_vocab_16e6.txt.gz`-format file into CLIP's token list and merges.
+
+  Args:
+    vocab_path: the file; default `default_vocab_path()`.
+
+  Returns:
+    (tokens, merges): the 49,408 token strings in id order (256 byte symbols, the same with `</w>`,
+    one per merge, then `<start_of_text>`, `<end_of_text>`), spelled in the byte-to-unicode table;
+    and the 48,894 merges in rank order. What a BPE `vocab.json` / `merges.txt` pair holds.
 
   Raises:
     ValueError: the file is missing, unreadable or not a CLIP vocabulary (message names it).
   """
+  vocab_path = vocab_path or default_vocab_path()
   try:
     with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
       lines = f.read().split("\n")
@@ -120,7 +130,9 @@ def _read_merges(vocab_path: str) -> list[tuple[str, str]]:
     raise ValueError(f"{vocab_path} is not a CLIP BPE vocabulary: expected {_NUM_MERGES} merge "
                      f"lines after the header, got {len(merges)}"
                      + (f"; malformed lines {bad[:5]}" if bad else ""))
-  return merges
+  symbols = list(_bytes_to_unicode().values())
+  tokens = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges] + [_SOT, _EOT]
+  return tokens, merges
 
 
 def clean_text(text: str) -> str:
@@ -156,9 +168,7 @@ class CLIPTokenizer:
     """
     self._vocab_path = vocab_path or default_vocab_path()
     self._cache_size = int(cache_size)
-    merges = _read_merges(self._vocab_path)
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges] + [_SOT, _EOT]
+    vocab, merges = load_vocabulary(self._vocab_path)
     model = models.BPE(vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges,
                        cache_capacity=self._cache_size, continuing_subword_prefix="",
                        end_of_word_suffix=_WORD_END, fuse_unk=False)
