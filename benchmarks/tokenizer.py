@@ -1,6 +1,6 @@
 r"""CLIP tokenizer throughput: tvr_jax's (on `tokenizers`) beside open_clip's and the old one.
 
-    python benchmarks/tokenizer.py                       # 10,000 captions per set, ~2-3 min on 2 cores
+    python benchmarks/tokenizer.py           # 10,000 captions per set, ~2-7 min on 2 cores
     python benchmarks/tokenizer.py --captions 200 --repeats 1 --sets plain
 
 Tokenizers timed, each in a fresh Python process so that "cold" pays its own imports:
@@ -13,12 +13,12 @@ Tokenizers timed, each in a fresh Python process so that "cold" pays its own imp
   `tvr_jax.tokenizer.clean_text` (imported before its import is timed, so `tokenizers` is already
   loaded there). It pads with EOT; its rows are compared after zeroing what follows the first EOT.
 
-Two caption sets: "plain" (MSR-VTT-like English, ~5% rare words) and "messy" (non-ASCII scripts,
-HTML entities, mojibake, emoji, curly quotes). Per tokenizer and set: import seconds, construction
-seconds, the first call on all captions (empty word caches), cold captions/s = N / (construction +
-first call), warm captions/s = N / median of `--repeats` further calls, the same per second of
-process CPU time (all threads; steadier than wall time on a shared machine), and whether every row
-equals open_clip's. The CPU model and load average are printed beside the figures.
+Two caption sets: "plain" (MSR-VTT-like English, 3 in 10 with a random rare word) and "messy"
+(non-ASCII scripts, HTML entities, mojibake, emoji, curly quotes). Per tokenizer and set: import
+seconds, construction seconds, the first call on all captions (empty word caches), cold captions/s =
+N / (construction + first call), warm captions/s = N / median of `--repeats` further calls, the
+same per second of process CPU time (all threads; steadier than wall time on a shared machine), and
+whether every row equals open_clip's. The CPU model and load average are printed beside the figures.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ _OBJECTS = ["a guitar", "the piano", "pasta", "the weather", "a red car", "the b
             "a song", "the news", "a basketball game", "a pool", "a video game", "the kitchen"]
 _PLACES = ["", " on stage", " in the kitchen", " outside", " at night", " in a park", " on tv",
            " in the rain", " with friends", " for the camera"]
-_MESSY = ["naïve café", "über straße", "日本語のテキスト", "中文字幕", "한국어 문장", "русский текст",
-          "ελληνικά", "العربية", "हिन्दी", "&amp;", "&lt;b&gt;", "&#39;", "&quot;", "cafÃ©",
-          "donâ€™t", "“quoted”", "‘single’", "😀", "👍🏽", "🇯🇵", "❤️", "½", "Ｆｕｌｌ", "ﬁne",
-          "dog", "runs", "the", "a", "42", "!", "...", "—"]
+_MESSY = ["naïve café", "über straße", "日本語のテキスト", "中文字幕", "한국어 문장",
+          "русский текст", "ελληνικά", "العربية", "हिन्दी", "&amp;", "&lt;b&gt;", "&#39;", "&quot;",
+          "cafÃ©", "donâ€™t", "“quoted”", "‘single’", "😀", "👍🏽", "🇯🇵", "❤️", "½",
+          "Ｆｕｌｌ", "ﬁne", "dog", "runs", "the", "a", "42", "!", "...", "—"]
 
 
 def _rare_word(rng: random.Random) -> str:
@@ -69,7 +69,8 @@ def captions(kind: str, n: int, seed: int = 0) -> list[str]:
   out = []
   for _ in range(n):
     if kind == "plain":
-      text = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_PLACES)}"
+      text = (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+              f"{rng.choice(_PLACES)}")
       if rng.random() < 0.3:
         text = text.replace(" a ", f" a {_rare_word(rng)} ", 1)
       text = (text[0].upper() + text[1:] + rng.choice(["", ".", " ."]))
@@ -204,7 +205,8 @@ def main(argv=None) -> None:
                "--context_length", str(args.context_length), "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
         if proc.returncode != 0:
-          raise RuntimeError(f"{impl} on {kind} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+          raise RuntimeError(f"{impl} on {kind} failed (rc={proc.returncode}):\n"
+                             f"{proc.stderr[-3000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results[(impl, kind)] = r
         ids[impl] = np.load(out)

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/tokenizer.py: a tiny run prints every tokenizer's row, ids equal open_clip's."""
+"""Smoke test of benchmarks/tokenizer.py: a tiny run prints every tokenizer's row and checks ids."""
 
 import subprocess
 import sys

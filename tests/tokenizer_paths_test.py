@@ -122,7 +122,7 @@ def test_non_ascii_and_html_entities(open_clip, tok):
 
 def test_bpe_of_every_vocabulary_word_equals_open_clip(open_clip, tok):
   ref_tok = open_clip.get_tokenizer("ViT-B-32")
-  # Each whole-word token, decoded back to text: BPE must rebuild it (or what open_clip makes of it).
+  # Each whole-word token decoded back to text: BPE must give what open_clip gives.
   ids = [i for i in range(512, 49406) if tok.decode([i], skip_special_tokens=False) and
          tok._text.id_to_token(i).endswith("</w>")]
   assert len(ids) > 20000

@@ -59,7 +59,7 @@ _SPECIAL_MARK = "_of_text>"
 # or width characters; it only turns '\r' into '\n'), and html.unescape has nothing to unescape,
 # so cleaning can skip both. The open_clip comparison test exercises this path.
 _PLAIN_ASCII = regex.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
-# Texts per call into `tokenizers` (bounds the Encoding objects alive at once; progress granularity).
+# Texts per call into `tokenizers`: bounds the Encoding objects alive at once; progress steps.
 _CHUNK = 8192
 
 
@@ -164,7 +164,8 @@ class CLIPTokenizer:
         seen; it does not evict).
 
     Raises:
-      FileNotFoundError / ValueError: the file is missing or not a CLIP vocabulary (message names it).
+      FileNotFoundError / ValueError: the file is missing or not a CLIP vocabulary (the message
+        names it).
     """
     self._vocab_path = vocab_path or default_vocab_path()
     self._cache_size = int(cache_size)
