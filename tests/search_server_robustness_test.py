@@ -234,3 +234,22 @@ def test_index_rebuilt_while_serving(tmp_path):
     assert status == 200 and json.loads(body)["results"][0]["id"] == new
     assert _get(httpd, f"/thumb/{blue}")[0] == 404
     assert _get(httpd, f"/api/search?video={blue}")[0] == 404
+
+
+def test_index_rebuilt_with_another_model_keeps_the_loaded_version(tmp_path, capsys):
+  """A rebuild by another model cannot be served with this one: the server keeps answering from
+  the version it has loaded and says so once on stderr."""
+  d = str(tmp_path / "videos")
+  make_video_folder(d)
+  out = str(tmp_path / "index")
+  index_lib.build_index(ColourModel(), d, out, progress=False)
+  with _serving(out) as httpd:
+    assert _get(httpd, "/api/search?q=red&top=1")[0] == 200
+    index_lib.build_index(ColourModel(model_id="other-model"), d, out, progress=False,
+                          rebuild=True)
+    for _ in range(2):
+      status, body = _get(httpd, "/api/search?q=yellow&top=1")
+      assert status == 200 and json.loads(body)["results"][0]["file"] == "yellow_diamond.mp4"
+  err = capsys.readouterr().err
+  assert err.count("still serving the previous version") == 1, err
+  assert "other-model" in err

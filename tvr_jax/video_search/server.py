@@ -48,6 +48,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from typing import Optional
 
@@ -354,21 +355,10 @@ class _ConnectionReader(threading.Thread):
   def run(self) -> None:
     try:
       while not self._stopping:
-        self._take_incoming()
-        timeout = 1.0
-        if self._waiting:
-          oldest = next(iter(self._waiting.values()))
-          timeout = min(timeout, max(0.0, oldest[2] - time.monotonic()))
-        for key, _ in self._selector.select(timeout):
-          if key.fileobj is self._wake_r:
-            try:
-              while self._wake_r.recv(4096):
-                pass
-            except BlockingIOError:
-              pass
-          else:
-            self._read(key.fileobj)
-        self._expire()
+        try:
+          self._step()
+        except Exception:  # noqa: BLE001 - the reader must outlive any one bad connection
+          traceback.print_exc()
     finally:
       for sock in list(self._waiting):
         self._drop(sock)
@@ -377,6 +367,25 @@ class _ConnectionReader(threading.Thread):
       self._selector.close()
       self._wake_r.close()
       self._wake_w.close()
+
+  def _step(self) -> None:
+    """Takes new connections, reads whatever arrived (waiting at most until the oldest deadline
+    or 1 s), then expires connections past their deadline."""
+    self._take_incoming()
+    timeout = 1.0
+    if self._waiting:
+      oldest = next(iter(self._waiting.values()))
+      timeout = min(timeout, max(0.0, oldest[2] - time.monotonic()))
+    for key, _ in self._selector.select(timeout):
+      if key.fileobj is self._wake_r:
+        try:
+          while self._wake_r.recv(4096):
+            pass
+        except BlockingIOError:
+          pass
+      else:
+        self._read(key.fileobj)
+    self._expire()
 
   def _take_incoming(self) -> None:
     while self._incoming:
