@@ -19,6 +19,31 @@ import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+GOLDEN_ENV = "TVR_GOLDEN_FILE"
+
+
+def golden_file_path() -> str:
+  """The golden reference file: $TVR_GOLDEN_FILE, else shared/golden/dmae_reference.npz in the
+  directory that holds the repository (where CI's fresh clone finds the reference material)."""
+  return os.environ.get(GOLDEN_ENV) or os.path.join(SHARED_DIR, "golden", "dmae_reference.npz")
+
+
+def require_golden_file(path: str) -> str:
+  """`path` if the file exists; otherwise skips the calling test, or fails it when `CI` is set
+  (a CI run must never pass by skipping the golden comparison)."""
+  if os.path.isfile(path):
+    return path
+  message = f"golden reference file {path} not found; set {GOLDEN_ENV} to its path"
+  if os.environ.get("CI"):
+    pytest.fail(f"{message} (CI={os.environ['CI']!r}: a missing reference fails the run)",
+                pytrace=False)
+  pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def golden_file() -> str:
+  """Path of the golden reference file (see `golden_file_path`, `require_golden_file`)."""
+  return require_golden_file(golden_file_path())
 
 
 def import_open_clip():

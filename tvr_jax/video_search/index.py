@@ -160,6 +160,20 @@ def current_version_dir(index_dir: str) -> Optional[str]:
   return path
 
 
+def version_stamp(index_dir: str) -> Optional[tuple[int, int, int]]:
+  """Cheap fingerprint of the live version: (inode, mtime_ns, size) of `CURRENT`, one stat.
+
+  Every build commits by renaming a new file over `CURRENT`, so the inode (and mtime) changes
+  with each new version; a server compares stamps per request to notice a rebuild. None when
+  `index_dir` holds no index.
+  """
+  try:
+    st = os.stat(os.path.join(index_dir, _POINTER))
+  except FileNotFoundError:
+    return None
+  return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class SearchIndex:
   """A loaded index: metadata, videos and (memory-mapped) feature arrays."""
 

@@ -115,7 +115,8 @@ def video_video_scores(query: jax.Array, query_mask: jax.Array, cands: jax.Array
 class Searcher:
   """Text -> video and video -> video search over one index with one model.
 
-  Thread-safe (a lock serialises queries: the device runs one at a time anyway).
+  Thread-safe (a lock serialises queries: the device runs one at a time anyway). `refresh()`
+  switches to a newer version of the same index directory (a rebuild) without a restart.
   """
 
   def __init__(self, index: index_lib.SearchIndex, model, *, shortlist: int = DEFAULT_SHORTLIST,
@@ -129,10 +130,38 @@ class Searcher:
     self.index = index
     self.model = model
     self.shortlist = int(shortlist)
+    self.chunk = chunk
     self.pooled = PooledIndex(index.pooled, chunk)
     kw = getattr(model, "similarity_kwargs", {})
     self.scorer = scoring.ChunkedScorer(budget_bytes, show_progress=False, **kw)
     self._lock = threading.Lock()
+    self._stamp = None   # version_stamp of the index directory when last checked
+
+  def refresh(self) -> bool:
+    """Loads the index directory's live version if a build committed a new one since.
+
+    Cheap when nothing changed (one stat of `CURRENT`), so a server can call it per request.
+    Returns True when it switched versions. A new version that cannot be used is not retried
+    until `CURRENT` changes again; the loaded version stays in service.
+
+    Raises:
+      IndexFormatError: the new version is unreadable.
+      ModelMismatchError: the new version was built with another model.
+    """
+    directory = self.index.directory
+    stamp = index_lib.version_stamp(directory)   # taken before CURRENT is read: no missed update
+    if stamp is None or stamp == self._stamp:
+      return False
+    with self._lock:
+      if stamp == self._stamp:
+        return False
+      self._stamp = stamp
+      if index_lib.current_version_dir(directory) == self.index.version_dir:
+        return False
+      index = index_lib.SearchIndex.load(directory)
+      index.check_model(self.model.model_id, getattr(self.model, "description", ""))
+      self.index, self.pooled = index, PooledIndex(index.pooled, self.chunk)
+    return True
 
   def _k(self, top: int) -> int:
     return min(max(self.shortlist, int(top)), len(self.index))

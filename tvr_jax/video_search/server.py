@@ -15,21 +15,45 @@ Content-Security-Policy (scripts from this origin only, no inline script), `nosn
 referrer; the page builds results with `textContent`, never `innerHTML`. The server binds to
 127.0.0.1 by default and, when bound to loopback, answers only requests whose Host header names a
 loopback address (DNS-rebinding protection).
+
+Connections: no thread waits on a client that has not finished sending its request. One reader
+thread holds every connection whose request line and headers are still arriving (non-blocking
+sockets, one selector) and hands a connection to a fixed pool of `workers` threads only once its
+header block is complete. Slow or stalled clients therefore cost a file descriptor, never a
+thread: the server runs at most `workers` + 2 threads (pool, reader, the `serve_forever` caller)
+however many connections are open. A request's line and headers must arrive within
+`header_timeout` seconds in total (also the limit for an idle keep-alive connection; a client
+trickling one byte at a time is cut off too), answered 408; a header block over
+`MAX_HEADER_BYTES` is answered 431; beyond `max_pending` waiting connections the oldest waiting
+one is closed, so a new client always gets in. While a worker answers, each socket read or write
+has `io_timeout` seconds.
+
+Index updates: every request first asks the searcher to pick up a newer index version (one stat
+of the index's `CURRENT` pointer when nothing changed), so a rebuild by `python -m tvr_jax.index`
+is served without a restart.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import concurrent.futures
 import http.server
+import io
 import json
 import mimetypes
 import os
 import re
+import selectors
+import socket
 import sys
+import threading
+import time
+import traceback
 import urllib.parse
 from typing import Optional
 
 from data_prep.frames import VideoError
+from tvr_jax.video_search import index as index_lib
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -43,12 +67,110 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 MAX_TOP = 100
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
+DEFAULT_WORKERS = 8            # threads answering requests whose headers have arrived
+DEFAULT_HEADER_TIMEOUT = 20.0  # seconds for a request line + headers (and keep-alive idle time)
+DEFAULT_IO_TIMEOUT = 30.0      # seconds per socket read / write while a request is answered
+DEFAULT_MAX_PENDING = 512      # connections waiting for their headers; beyond it the oldest goes
+MAX_HEADER_BYTES = 65536       # request line + headers
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _headers_complete(buffer) -> bool:
+  """True once `buffer` holds a whole request line + header block (ends with an empty line)."""
+  return _HEADER_END.search(buffer) is not None
+
+
+class _SocketReader:
+  """A connection's `rfile`: first the bytes the reader thread already took, then the socket.
+
+  Whatever is left unread after a request (the start of a pipelined next request) stays in
+  `buffer`, so the connection can go back to the reader thread without losing it.
+  """
+
+  def __init__(self, sock: socket.socket, prefix: bytes = b""):
+    self._sock = sock
+    self.buffer = bytearray(prefix)
+    self.closed = False
+
+  def _fill(self) -> bool:
+    data = self._sock.recv(1 << 16)   # the socket's timeout (io_timeout) bounds the wait
+    self.buffer += data
+    return bool(data)
+
+  def readline(self, limit: int = -1) -> bytes:
+    while True:
+      end = self.buffer.find(b"\n", 0, limit if limit > 0 else None)
+      if end >= 0:
+        n = end + 1
+        break
+      if (limit > 0 and len(self.buffer) >= limit) or not self._fill():
+        n = len(self.buffer) if limit <= 0 else min(limit, len(self.buffer))
+        break
+    line = bytes(self.buffer[:n])
+    del self.buffer[:n]
+    return line
+
+  def read(self, size: int = -1) -> bytes:
+    while (size < 0 or len(self.buffer) < size) and self._fill():
+      pass
+    n = len(self.buffer) if size < 0 else min(size, len(self.buffer))
+    data = bytes(self.buffer[:n])
+    del self.buffer[:n]
+    return data
+
+  def close(self) -> None:
+    self.closed = True
+
+
+class _SocketWriter(io.BufferedIOBase):
+  """A connection's `wfile`: unbuffered, every write is a `sendall`."""
+
+  def __init__(self, sock: socket.socket):
+    self._sock = sock
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, b) -> int:
+    self._sock.sendall(b)
+    with memoryview(b) as view:
+      return view.nbytes
+
+  def fileno(self) -> int:
+    return self._sock.fileno()
+
 
 class SearchHandler(http.server.BaseHTTPRequestHandler):
   """Request handler; `server.searcher` is a `retrieve.Searcher`."""
 
   server_version = "tvr-search/1"
   protocol_version = "HTTP/1.1"
+
+  def __init__(self, request, client_address, server, prefix: bytes = b""):
+    self._prefix = prefix
+    super().__init__(request, client_address, server)
+
+  def setup(self):
+    self.connection = self.request
+    self.connection.settimeout(self.server.io_timeout)
+    self.rfile = _SocketReader(self.connection, self._prefix)
+    self.wfile = _SocketWriter(self.connection)
+
+  def handle(self):
+    """Answers the request whose headers arrived, then any complete pipelined ones after it; the
+    server takes the connection back for the next request (keep-alive) unless it must close."""
+    self.close_connection = True
+    self.handle_one_request()
+    while not self.close_connection and _headers_complete(self.rfile.buffer):
+      self.handle_one_request()
+
+  def parse_request(self) -> bool:
+    if not super().parse_request():
+      return False
+    length = (self.headers.get("Content-Length") or "0").strip()
+    if length != "0" or "Transfer-Encoding" in self.headers:
+      self.close_connection = True   # request bodies are never read: the stream cannot be reused
+    return True
 
   def log_message(self, format, *args):  # noqa: A002 - stdlib signature
     if getattr(self.server, "verbose", False):
@@ -63,6 +185,8 @@ class SearchHandler(http.server.BaseHTTPRequestHandler):
     self.send_header("X-Content-Type-Options", "nosniff")
     self.send_header("Referrer-Policy", "no-referrer")
     self.send_header("Cache-Control", "no-store")
+    if self.close_connection:
+      self.send_header("Connection", "close")
     for k, v in (extra or {}).items():
       self.send_header(k, v)
     self.end_headers()
@@ -91,15 +215,15 @@ class SearchHandler(http.server.BaseHTTPRequestHandler):
       name, ctype = STATIC_FILES[path]
       with open(os.path.join(STATIC_DIR, name), "rb") as f:
         return self._send(200, f.read(), ctype)
+    index = self.server.current_index()
     if path == "/api/search":
-      return self._search(urllib.parse.parse_qs(url.query))
+      return self._search(urllib.parse.parse_qs(url.query), index)
     for prefix, fn in (("/thumb/", self._thumb), ("/media/", self._media)):
       if path.startswith(prefix):
         vid = path[len(prefix):]
-        index = self.server.searcher.index
         if not _ID.match(vid) or vid not in index.by_id:
           return self._error(404, "unknown video id")
-        return fn(vid)
+        return fn(vid, index)
     return self._error(404, "not found")
 
   def _host_ok(self) -> bool:
@@ -109,7 +233,7 @@ class SearchHandler(http.server.BaseHTTPRequestHandler):
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
     return name in _LOOPBACK
 
-  def _search(self, params: dict) -> None:
+  def _search(self, params: dict, index: index_lib.SearchIndex) -> None:
     searcher = self.server.searcher
     try:
       top = int(params.get("top", ["10"])[0])
@@ -120,13 +244,15 @@ class SearchHandler(http.server.BaseHTTPRequestHandler):
     video = params.get("video", [""])[0]
     try:
       if video:
-        if video not in searcher.index.by_id:   # the API takes indexed ids only, never paths
+        if video not in index.by_id:   # the API takes indexed ids only, never paths
           return self._error(404, "unknown video id")
         result = searcher.search_video(video, top)
       elif query.strip():
         result = searcher.search_text(query[:1000], top)
       else:
         return self._error(400, "give q=TEXT or video=ID")
+    except FileNotFoundError:   # the id left the index in a rebuild since the check above
+      return self._error(404, "unknown video id")
     except (ValueError, VideoError) as e:
       return self._error(400, str(e))
     results = [{"rank": h.rank, "id": h.id, "file": h.relpath, "score": h.score,
@@ -135,17 +261,21 @@ class SearchHandler(http.server.BaseHTTPRequestHandler):
     self._json(200, {"query": query, "video": video, "results": results,
                      "timings": result.timings, "indexed": len(searcher.index)})
 
-  def _thumb(self, vid: str) -> None:
-    path = self.server.searcher.index.thumbnail_path(vid)
-    try:
-      with open(path, "rb") as f:
-        body = f.read()
-    except OSError:
-      return self._error(404, "thumbnail missing")
-    self._send(200, body, "image/jpeg")
+  def _thumb(self, vid: str, index: index_lib.SearchIndex) -> None:
+    for retry in (False, True):
+      try:
+        with open(index.thumbnail_path(vid), "rb") as f:
+          return self._send(200, f.read(), "image/jpeg")
+      except OSError:
+        if retry:
+          break
+      # A rebuild may have replaced (and deleted) this version since the request began.
+      index = self.server.current_index()
+      if vid not in index.by_id:
+        break
+    return self._error(404, "thumbnail missing")
 
-  def _media(self, vid: str) -> None:
-    index = self.server.searcher.index
+  def _media(self, vid: str, index: index_lib.SearchIndex) -> None:
     path = index.videos[index.by_id[vid]].path
     try:
       f = open(path, "rb")
@@ -188,18 +318,231 @@ class SearchHandler(http.server.BaseHTTPRequestHandler):
         remaining -= len(block)
 
 
-class SearchServer(http.server.ThreadingHTTPServer):
-  """ThreadingHTTPServer holding the searcher."""
-  daemon_threads = True
+class _ConnectionReader(threading.Thread):
+  """Holds connections until their request line and headers are complete (see module docstring).
 
-  def __init__(self, address, searcher, verbose: bool = False):
+  One thread, one selector, non-blocking sockets; waiting connections are kept oldest first, so
+  expiry and eviction look only at the front.
+  """
+
+  def __init__(self, server: "SearchServer"):
+    super().__init__(name="tvr-search-reader", daemon=True)
+    self._server = server
+    self._selector = selectors.DefaultSelector()
+    self._wake_r, self._wake_w = socket.socketpair()
+    self._wake_r.setblocking(False)
+    self._wake_w.setblocking(False)
+    self._selector.register(self._wake_r, selectors.EVENT_READ)
+    self._incoming: collections.deque = collections.deque()   # (sock, address, buffered bytes)
+    self._waiting: "collections.OrderedDict[socket.socket, list]" = collections.OrderedDict()
+    self._stopping = False
+
+  def add(self, sock: socket.socket, address, buffered: bytes = b"") -> None:
+    """Hands a connection over (from any thread); `buffered` = bytes of it already read."""
+    self._incoming.append((sock, address, buffered))
+    self._wake()
+
+  def stop(self) -> None:
+    self._stopping = True
+    self._wake()
+
+  def _wake(self) -> None:
+    try:
+      self._wake_w.send(b"x")
+    except (BlockingIOError, OSError):
+      pass   # a wake-up is already pending (or the reader has closed)
+
+  def run(self) -> None:
+    try:
+      while not self._stopping:
+        try:
+          self._step()
+        except Exception:  # noqa: BLE001 - the reader must outlive any one bad connection
+          traceback.print_exc()
+    finally:
+      for sock in list(self._waiting):
+        self._drop(sock)
+      for sock, _, _ in self._incoming:
+        _close(sock)
+      self._selector.close()
+      self._wake_r.close()
+      self._wake_w.close()
+
+  def _step(self) -> None:
+    """Takes new connections, reads whatever arrived (waiting at most until the oldest deadline
+    or 1 s), then expires connections past their deadline."""
+    self._take_incoming()
+    timeout = 1.0
+    if self._waiting:
+      oldest = next(iter(self._waiting.values()))
+      timeout = min(timeout, max(0.0, oldest[2] - time.monotonic()))
+    for key, _ in self._selector.select(timeout):
+      if key.fileobj is self._wake_r:
+        try:
+          while self._wake_r.recv(4096):
+            pass
+        except BlockingIOError:
+          pass
+      else:
+        self._read(key.fileobj)
+    self._expire()
+
+  def _take_incoming(self) -> None:
+    while self._incoming:
+      sock, address, buffered = self._incoming.popleft()
+      while len(self._waiting) >= self._server.max_pending:
+        self._drop(next(iter(self._waiting)))   # the oldest waiting connection makes room
+      sock.setblocking(False)
+      deadline = time.monotonic() + self._server.header_timeout
+      self._waiting[sock] = [address, bytearray(buffered), deadline]
+      if _headers_complete(buffered):
+        self._dispatch(sock)
+      else:
+        self._selector.register(sock, selectors.EVENT_READ)
+
+  def _read(self, sock: socket.socket) -> None:
+    entry = self._waiting.get(sock)
+    if entry is None:
+      return
+    try:
+      data = sock.recv(1 << 16)
+    except BlockingIOError:
+      return
+    except OSError:
+      data = b""
+    if not data:   # the client went away
+      self._drop(sock)
+      return
+    entry[1] += data
+    if _headers_complete(entry[1]):
+      self._dispatch(sock)
+    elif len(entry[1]) > MAX_HEADER_BYTES:
+      self._drop(sock, b"431 Request Header Fields Too Large")
+
+  def _expire(self) -> None:
+    now = time.monotonic()
+    while self._waiting:
+      sock, (_, buffered, deadline) = next(iter(self._waiting.items()))
+      if deadline > now:
+        break
+      # Silence for an idle keep-alive connection; 408 to one that had started a request.
+      self._drop(sock, b"408 Request Timeout" if buffered else None)
+
+  def _forget(self, sock: socket.socket) -> list:
+    entry = self._waiting.pop(sock)
+    try:
+      self._selector.unregister(sock)
+    except (KeyError, ValueError):
+      pass   # dispatched straight from `add`, never registered
+    return entry
+
+  def _dispatch(self, sock: socket.socket) -> None:
+    address, buffered, _ = self._forget(sock)
+    sock.setblocking(True)
+    try:
+      self._server.submit(sock, address, bytes(buffered))
+    except RuntimeError:   # the pool is shut down: the server is closing
+      _close(sock)
+
+  def _drop(self, sock: socket.socket, status: Optional[bytes] = None) -> None:
+    self._forget(sock)
+    if status is not None:
+      try:   # best effort, never blocks: the socket is non-blocking
+        sock.send(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+      except OSError:
+        pass
+    _close(sock)
+
+
+def _close(sock: socket.socket) -> None:
+  """Closes a client connection, draining what it sent first (so the close is a FIN, not a RST
+  that could discard a 408/431 answer still in flight)."""
+  try:
+    sock.setblocking(False)
+    for _ in range(16):
+      if not sock.recv(1 << 16):
+        break
+  except OSError:
+    pass
+  try:
+    sock.shutdown(socket.SHUT_RDWR)
+  except OSError:
+    pass
+  sock.close()
+
+
+class SearchServer(http.server.HTTPServer):
+  """HTTP server holding the searcher: a connection reader thread plus a fixed worker pool."""
+
+  request_queue_size = 128   # listen backlog: bursts of connections wait in the kernel
+
+  def __init__(self, address, searcher, verbose: bool = False, *, workers: int = DEFAULT_WORKERS,
+               header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+               io_timeout: float = DEFAULT_IO_TIMEOUT, max_pending: int = DEFAULT_MAX_PENDING):
+    if workers < 1 or max_pending < 1 or header_timeout <= 0 or io_timeout <= 0:
+      raise ValueError(f"SearchServer: workers ({workers}) and max_pending ({max_pending}) must be "
+                       f">= 1, header_timeout ({header_timeout}) and io_timeout ({io_timeout}) > 0")
     super().__init__(address, SearchHandler)
     self.searcher = searcher
     self.verbose = verbose
     self.loopback_only = address[0] in ("127.0.0.1", "localhost", "::1")
+    self.header_timeout = float(header_timeout)
+    self.io_timeout = float(io_timeout)
+    self.max_pending = int(max_pending)
+    self._closing = False
+    self._reload_error: Optional[str] = None
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers, "tvr-search-worker")
+    self._reader = _ConnectionReader(self)
+    self._reader.start()
+
+  def current_index(self) -> index_lib.SearchIndex:
+    """The searcher's index after picking up a newer version, if a build committed one.
+
+    A version that cannot be used (corrupt, built by another model) is reported once on stderr
+    and the loaded one stays in service.
+    """
+    try:
+      if self.searcher.refresh() and self.verbose:
+        sys.stderr.write(f"index updated: {len(self.searcher.index)} videos\n")
+    except index_lib.IndexFormatError as e:
+      if str(e) != self._reload_error:
+        self._reload_error = str(e)
+        sys.stderr.write(f"index not reloaded, still serving the previous version: {e}\n")
+    return self.searcher.index
+
+  def process_request(self, request, client_address) -> None:
+    """Called by `serve_forever` for each accepted connection: the reader takes it (no thread)."""
+    self._reader.add(request, client_address)
+
+  def submit(self, sock: socket.socket, address, buffered: bytes) -> None:
+    """Queues a connection whose headers have arrived for a worker."""
+    self._pool.submit(self._serve_connection, sock, address, buffered)
+
+  def _serve_connection(self, sock: socket.socket, address, buffered: bytes) -> None:
+    handler = None
+    try:
+      handler = self.RequestHandlerClass(sock, address, self, buffered)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+      pass   # the client went away or stopped reading: nothing to report
+    except Exception:  # noqa: BLE001 - one failed request must not end the worker
+      self.handle_error(sock, address)
+    if handler is not None and not handler.close_connection and not self._closing:
+      self._reader.add(sock, address, bytes(handler.rfile.buffer))   # keep-alive
+    else:
+      _close(sock)
+
+  def server_close(self) -> None:
+    self._closing = True
+    super().server_close()
+    self._reader.stop()
+    self._pool.shutdown(wait=False, cancel_futures=True)
+    self._reader.join(5)
 
 
-def make_server(searcher, host: str = "127.0.0.1", port: int = 8000,
-                verbose: bool = True) -> SearchServer:
-  """A ready-to-serve `SearchServer` (port 0 picks a free port; see `server_address`)."""
-  return SearchServer((host, port), searcher, verbose=verbose)
+def make_server(searcher, host: str = "127.0.0.1", port: int = 8000, verbose: bool = True,
+                **options) -> SearchServer:
+  """A ready-to-serve `SearchServer` (port 0 picks a free port; see `server_address`).
+
+  `options`: `workers`, `header_timeout`, `io_timeout`, `max_pending` (see the module docstring).
+  """
+  return SearchServer((host, port), searcher, verbose=verbose, **options)
