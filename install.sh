@@ -14,4 +14,6 @@ fi
 "$PYTHON" -m venv .venv
 .venv/bin/pip install --quiet -r requirements.txt
 .venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
+# The pinned set must satisfy pyproject.toml's declared dependencies (what `pip install .` needs).
+.venv/bin/pip check
 echo "Installed into .venv ($(du -sh .venv | cut -f1)). Run the tests with: .venv/bin/python -m pytest"
