@@ -78,7 +78,7 @@ SKIP_KINDS = frames_lib.VIDEO_ERROR_KINDS + ANNOTATION_SKIP_KINDS
 
 
 class RawDataError(FileNotFoundError):
-  """The raw dataset (manual directory or an annotation file) is missing or unreadable as a whole."""
+  """The raw dataset (manual dir or an annotation file) is missing or unreadable as a whole."""
 
 
 class EmptySplitError(RawDataError):
@@ -129,7 +129,7 @@ class VideoItem:
     video_id: the dataset's id; unique within a split (the example key).
     path: video file, or None when no file was found for this id (counted as "missing").
     captions: every caption of the video (DiDeMo/ActivityNet: one per segment, in time order);
-      entries may still be invalid (bytes, empty, non-UTF-8) - the base class drops and counts those.
+      entries may still be invalid (bytes, empty, non-UTF-8) - the base class drops and counts them.
     timestamps: per-caption (start, end) seconds, same length as captions (HAS_TIMESTAMPS builders).
     window: optional (start, end) seconds to sample frames from.
     where: where the annotation came from (file name), for skip messages.
@@ -269,7 +269,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   # ---------------------------------------------------------------- raw data
   def check_raw_data(self, manual_dir: str | os.PathLike | None) -> epath.Path | None:
-    """Fails at once, naming the expected path, when the manual dir or an annotation file is missing.
+    """Fails at once, naming the expected path, if the manual dir or an annotation file is missing.
 
     Returns:
       The manual directory as a path (None for builders that need none).
@@ -392,7 +392,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   # ---------------------------------------------------------------- report
   def build_summary(self) -> dict[str, Any]:
-    """Examples per split and skipped items by kind (JSON-ready) of the last build in this process."""
+    """Examples per split and skipped items by kind (JSON-ready) of this process's last build."""
     c = self.video_config
     return {
         "dataset": self.name,

@@ -7,10 +7,10 @@ CLIP4Clip's `slice_framepos=2`), pad with black frames and a 0 mask when there a
 short side to R with Pillow's bicubic filter (torchvision's `Resize(R)` size rule: the long side is
 `int(R * long / short)`), centre-crop R x R (torchvision's `CenterCrop` rounding) and JPEG-encode.
 
-Faults in the input raise `VideoError(kind, path, detail)` with `kind` one of `VIDEO_ERROR_KINDS`, so a
-dataset builder can skip the video and count it:
+Faults in the input raise `VideoError(kind, path, detail)` with `kind` one of `VIDEO_ERROR_KINDS`,
+so a dataset builder can skip the video and count it:
 - "missing": the file does not exist;
-- "empty": the file has zero bytes, or decodes to no frame at all (inside the window, if one is given);
+- "empty": the file has zero bytes, or decodes to no frame at all (inside the window, if any);
 - "undecodable": the container or its video stream cannot be opened (no video stream, bad header, a
   truncated mp4 whose index is gone);
 - "truncated": decoding fails part-way (after the first frame), or the decoded frames are fewer than
@@ -35,8 +35,8 @@ import tqdm
 
 VIDEO_ERROR_KINDS = ("missing", "empty", "undecodable", "truncated")
 
-# Tolerance (seconds) when comparing a frame's presentation time with a sampling time: container
-# time bases round timestamps (e.g. 1/10240 s for mp4), so a frame meant to be at 3.0 s may read 2.9999.
+# Tolerance (seconds) comparing a frame's presentation time with a sampling time: container time
+# bases round timestamps (e.g. 1/10240 s for mp4), so a frame meant to be at 3.0 s may read 2.9999.
 _TIME_EPS = 1e-3
 
 
@@ -98,7 +98,7 @@ class ExtractedFrames:
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-  """(width, height) after resizing the short side to `resolution` (torchvision `Resize(int)` rule)."""
+  """(width, height) after resizing the short side to `resolution` (torchvision `Resize(int)`)."""
   if width <= height:
     return resolution, int(resolution * height / width)
   return int(resolution * width / height), resolution
@@ -285,8 +285,8 @@ def extract_many(jobs: Iterable[tuple[Hashable, str, tuple[float, float] | None]
   """Runs `extract_frames` over (key, path, window) jobs, in `workers` processes when > 1.
 
   Results come back as (key, ExtractedFrames) or (key, VideoError) in completion order (not input
-  order); at most 4 x workers jobs are in flight, so memory stays bounded on large datasets. Any other
-  exception (a bug, not bad input) propagates.
+  order); at most 4 x workers jobs are in flight, so memory stays bounded on large datasets. Any
+  other exception (a bug, not bad input) propagates.
 
   Args:
     jobs: (key, video path, optional (start, end) window in seconds).

@@ -1,8 +1,8 @@
 """Finds video files under a raw dataset directory by file name or by name without extension.
 
 CLIP4Clip's loaders walk the video folder and match ids to file names (MSVD, ActivityNet: name
-without its extension; DiDeMo: the full file name; MSR-VTT: `<id>.mp4`, else `.webm`). One walk builds
-an index that answers all of those look-ups.
+without its extension; DiDeMo: the full file name; MSR-VTT: `<id>.mp4`, else `.webm`). One walk
+builds an index that answers all of those look-ups.
 """
 
 from __future__ import annotations

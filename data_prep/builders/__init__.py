@@ -1,8 +1,8 @@
 """One package per dataset builder; `builder_class(name)` finds a builder by its dataset name.
 
 The dataset name is the package name: `data_prep/builders/<name>/` (the real datasets), or a
-`data_prep/<name>/` package that has a `builder` module (the synthetic set). A new builder package is
-picked up without editing this file.
+`data_prep/<name>/` package that has a `builder` module (the synthetic set). A new builder package
+is picked up without editing this file.
 """
 
 from __future__ import annotations

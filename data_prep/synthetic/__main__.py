@@ -3,7 +3,8 @@
     python -m data_prep.synthetic --out RAW [--num_train 1024 --num_val 128 --num_test 256
         --duration 8 --fps 4 --video_resolution 64 --num_shapes 4 --num_colours 6 --num_sizes 2
         --num_backgrounds 4 --directions left,right,up,down --captions_per_video 3 --seed 0]
-    python -m data_prep.build synthetic --manual_dir=RAW --data_dir=OUT [--num_frames 8 --resolution 64]
+    python -m data_prep.build synthetic --manual_dir=RAW --data_dir=OUT [--num_frames 8
+        --resolution 64]
 
 Keep `--duration` >= the builder's `--num_frames` (frames are sampled at 1 fps).
 """

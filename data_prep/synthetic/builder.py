@@ -3,10 +3,11 @@
     python -m data_prep.build synthetic --data_dir=OUT [--manual_dir=RAW]
 
 Without `--manual_dir`, TFDS's default manual directory `OUT/downloads/manual/` is used. Whichever
-directory it is: if it holds no `annotations.json`, the default raw tree (`generate.SyntheticConfig()`,
-about 11 MB) is rendered into it and kept, so a rebuild skips the rendering; if it holds a tree
-written by `python -m data_prep.synthetic --out RAW ...` (any size or difficulty), that is built. Frames then go through
-`data_prep.frames` exactly as for MSR-VTT (1 fps, uniform F, bicubic resize, centre crop, JPEG).
+directory it is: if it holds no `annotations.json`, the default raw tree
+(`generate.SyntheticConfig()`, about 11 MB) is rendered into it and kept, so a rebuild skips the
+rendering; if it holds a tree written by `python -m data_prep.synthetic --out RAW ...` (any size or
+difficulty), that is built. Frames then go through `data_prep.frames` exactly as for MSR-VTT
+(1 fps, uniform F, bicubic resize, centre crop, JPEG).
 
 Splits train / val / test; every video keeps all its paraphrased captions. Default config: 8 frames
 at 64 px (the clips last 8 s, so 1 fps gives 8 real frames).

@@ -4,7 +4,8 @@ Layout written under `raw_dir` (the builder's `--manual_dir`):
 
     raw_dir/videos/synth00000.mp4 ...
     raw_dir/annotations.json   {"config": {...}, "videos": [{"video_id", "split", "duration",
-                                "fps", "attributes"}], "sentences": [{"video_id", "caption", "sen_id"}]}
+                                "fps", "attributes"}],
+                                "sentences": [{"video_id", "caption", "sen_id"}]}
 
 Clips come in distractor pairs: the two clips of a pair share shape, colour, size and background
 and move in opposite directions (left/right or up/down), with independent random starts, and both

@@ -5,8 +5,9 @@ Raw layout (CLIP4Clip's):
     train.json, val_1.json    {"v_<id>": {"duration": s, "timestamps": [[s, e], ...],
                                           "sentences": ["...", ...]}, ...}
     train_ids.json, val_ids.json   ["v_<id>", ...]  (the videos of each split)
-    **/v_<id>.<ext>           the videos, any extension (CLIP4Clip matches the name stem; a file named
-                              without the "v_" prefix, as CLIP4Clip's loader looks it up, is found too)
+    **/v_<id>.<ext>           the videos, any extension (CLIP4Clip matches the name stem; a file
+                              named without the "v_" prefix, as CLIP4Clip's loader looks it up, is
+                              found too)
 
 Split "train" from train_ids.json + train.json; split "val" (the usual evaluation set, CLIP4Clip's
 "val") from val_ids.json + val_1.json. Each video gives one example with its sentences in time order
