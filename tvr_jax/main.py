@@ -18,18 +18,22 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:arg]); override keys with --config.key=value.",
+    "config", None,
+    "Experiment config file (configs/*.py[:arg]); override keys with --config.key=value.",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation JSON.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Directory for checkpoints, logs and evaluation JSON.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "env", ["env", "auto", "off"],
-    "env: call jax.distributed.initialize() when a coordinator is given (flags or JAX_COORDINATOR_ADDRESS); "
-    "auto: always call it (SLURM, TPU pods, Open MPI discover their own settings); off: never.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+    "env: call jax.distributed.initialize() when a coordinator is given (flags or "
+    "JAX_COORDINATOR_ADDRESS); auto: always call it (SLURM, TPU pods, Open MPI discover their own "
+    "settings); off: never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-_LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", None,
-                                     "Comma-separated local device ids this process uses (GPU clusters).")
+_LOCAL_DEVICES = flags.DEFINE_string(
+    "local_device_ids", None, "Comma-separated local device ids this process uses (GPU clusters).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -58,7 +62,7 @@ def maybe_initialize_distributed(mode: str, coordinator: str | None, num_process
   if local_device_ids:
     kwargs["local_device_ids"] = [int(x) for x in local_device_ids.split(",")]
   if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
-    # CPU-only multi-process runs (tests, debugging) need a collectives backend for cross-process ops.
+    # Multi-process CPU runs (tests, debugging) need a collectives backend for cross-process ops.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   return True

@@ -47,7 +47,7 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_same_leaves(want: Mapping[str, Any], got: Mapping[str, Any], what: str) -> None:
-  """Raises ValueError naming `what` and the keys unless both flat dicts hold the same keys and shapes.
+  """Raises ValueError naming `what` and the keys unless both flat dicts match in keys and shapes.
 
   `want` / `got` map paths to arrays or anything with a `.shape` (ShapeDtypeStructs, metadata).
   """

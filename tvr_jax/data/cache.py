@@ -111,9 +111,9 @@ class FrameCache:
     os.makedirs(root, exist_ok=True)
     free = shutil.disk_usage(root).free
     if cache.nbytes > 0.9 * free:
-      raise OSError(f"frame cache for {split.name}:{split.split} needs {cache.nbytes / 2**30:.2f} GiB "
-                    f"but {root} has {free / 2**30:.2f} GiB free; pass another cache root or "
-                    "turn the cache off")
+      raise OSError(f"frame cache for {split.name}:{split.split} needs "
+                    f"{cache.nbytes / 2**30:.2f} GiB but {root} has {free / 2**30:.2f} GiB free; "
+                    "pass another cache root or turn the cache off")
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".partial.", dir=root)
     try:
       shape = (cache.num_videos, cache.num_frames, cache.resolution, cache.resolution, 3)

@@ -26,7 +26,7 @@ from tvr_jax.data.source import VideoSplit
 
 
 class MissingInputError(FileNotFoundError):
-  """The converted CLIP or the dataset a config names is not there (the message says how to get it)."""
+  """The converted CLIP or dataset a config names is missing (the message says how to get it)."""
 
 
 def _frame_config_prefix(config: ml_collections.ConfigDict) -> str:
@@ -65,9 +65,9 @@ def require_dataset_dir(config: ml_collections.ConfigDict) -> str:
   path = dataset_dir(config)
   if path is None:
     raise MissingInputError(
-        f"dataset {config.dataset!r} with {config.num_frames} frames at {config.image_size} px is not "
-        f"built under config.data_dir={config.data_dir!r}. Download the raw videos and annotations "
-        "(layouts: docs/datasets.md) and prepare them once:\n"
+        f"dataset {config.dataset!r} with {config.num_frames} frames at {config.image_size} px is "
+        f"not built under config.data_dir={config.data_dir!r}. Download the raw videos and "
+        "annotations (layouts: docs/datasets.md) and prepare them once:\n"
         f"  python -m data_prep.build {config.dataset} --manual_dir=/path/to/{config.dataset} "
         f"--data_dir={config.data_dir} --num_frames={config.num_frames} "
         f"--resolution={config.image_size}")
@@ -81,8 +81,8 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   """
   if config.init_from and not os.path.isfile(os.path.join(config.init_from, "clip_config.json")):
     raise MissingInputError(
-        f"config.init_from={config.init_from!r} is not a converted CLIP checkpoint. Download OpenAI's "
-        "ViT-B-32.pt (or ViT-B-16.pt) and convert it once:\n"
+        f"config.init_from={config.init_from!r} is not a converted CLIP checkpoint. Download "
+        "OpenAI's ViT-B-32.pt (or ViT-B-16.pt) and convert it once:\n"
         f"  python -m tvr_jax.convert --src ViT-B-32.pt --out {config.init_from}\n"
         "or set --config.init_from='' to train a CLIP of config.clip_preset from scratch.")
   if dataset_dir(config) is not None:
@@ -112,7 +112,8 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> VideoSplit:
   opened = VideoSplit.open(require_dataset_dir(config), split, progress=config.progress_bar)
   if opened.resolution != config.image_size or opened.num_frames != config.num_frames:
     raise ValueError(f"{opened.data_dir}: frames are {opened.num_frames} x {opened.resolution} px, "
-                     f"the config wants num_frames={config.num_frames}, image_size={config.image_size}")
+                     f"the config wants num_frames={config.num_frames}, "
+                     f"image_size={config.image_size}")
   return opened
 
 

@@ -99,7 +99,7 @@ class VideoSplit:
     Args:
       data_dir: with `dataset`: the `--data_dir` of `python -m data_prep.build` (the config and
         newest version are found as `data_prep.reading.dataset_path` does); without: the version
-        directory itself, the one holding `dataset_info.json` (`OUT/msrvtt/f12_r224_fps1_q95/1.0.0`).
+        directory itself, holding `dataset_info.json` (`OUT/msrvtt/f12_r224_fps1_q95/1.0.0`).
       split: a split the builder wrote.
       dataset, config: dataset name (e.g. "msrvtt", "synthetic") and optional config name.
       progress: show a tqdm bar over the metadata scan.
@@ -113,14 +113,16 @@ class VideoSplit:
     data_dir = os.fspath(data_dir)
     if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
       raise FileNotFoundError(f"{data_dir}: no dataset_info.json; pass the TFDS version directory "
-                              "that `python -m data_prep.build` wrote (e.g. OUT/<name>/<config>/<version>)")
+                              "that `python -m data_prep.build` wrote "
+                              "(e.g. OUT/<name>/<config>/<version>)")
     builder = tfds.builder_from_directory(data_dir)
     if split not in builder.info.splits:
       raise ValueError(f"{data_dir}: no split {split!r}; it has {sorted(builder.info.splits)}")
     features = builder.info.features
     for key in ("video_id", "frames", "frame_mask", "captions"):
       if key not in features:
-        raise ValueError(f"{data_dir}: feature {key!r} missing; see docs/ARCHITECTURE.md 'Datasets'")
+        raise ValueError(f"{data_dir}: feature {key!r} missing; "
+                         "see docs/ARCHITECTURE.md 'Datasets'")
     f, r, r2, c = features["frames"].shape
     if f is None or r is None or r != r2 or c != 3:
       raise ValueError(f"{data_dir}: frames feature has shape {features['frames'].shape}; "
