@@ -34,7 +34,6 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 from PIL import Image
-import tqdm
 
 from data_prep import frames as frames_lib
 
@@ -105,7 +104,7 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
 
 
 def scan_videos(videos_dir: str) -> list[tuple[str, str]]:
-  """Sorted (relative path, absolute path) of video files under `videos_dir` (hidden ones skipped)."""
+  """Sorted (relative, absolute path) of video files under `videos_dir` (hidden ones skipped)."""
   videos_dir = os.path.abspath(videos_dir)
   if not os.path.isdir(videos_dir):
     raise FileNotFoundError(f"video folder {videos_dir} does not exist")
@@ -129,7 +128,7 @@ def pool_tokens(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def decode_frames(extracted: frames_lib.ExtractedFrames) -> np.ndarray:
-  """JPEG frames of `extract_frames` -> uint8 [F, R, R, 3] (as the training pipeline decodes them)."""
+  """JPEG frames of `extract_frames` -> uint8 [F, R, R, 3] (decoded as in the training pipeline)."""
   return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in extracted.frames])
 
 
@@ -155,8 +154,8 @@ def current_version_dir(index_dir: str) -> Optional[str]:
     name = f.read().strip()
   path = os.path.join(index_dir, name)
   if not name.startswith("v-") or os.sep in name or not os.path.isdir(path):
-    raise IndexFormatError(f"index {index_dir} is corrupt: {_POINTER} names {name!r}, not a version "
-                      "directory")
+    raise IndexFormatError(f"index {index_dir} is corrupt: {_POINTER} names {name!r}, not a "
+                           "version directory")
   return path
 
 
@@ -221,17 +220,17 @@ class SearchIndex:
     version = current_version_dir(index_dir)
     if version is None:
       raise IndexFormatError(f"{index_dir} holds no index (no {_POINTER} file); build one with "
-                        "python -m tvr_jax.index --checkpoint CKPT --videos DIR --out "
-                        f"{index_dir}")
+                             "python -m tvr_jax.index --checkpoint CKPT --videos DIR --out "
+                             f"{index_dir}")
     try:
       with open(os.path.join(version, "index.json")) as f:
         meta = json.load(f)
     except (OSError, ValueError) as e:
       raise IndexFormatError(f"index {index_dir}: cannot read index.json ({e})") from e
     if meta.get("format_version") != FORMAT_VERSION:
-      raise IndexFormatError(f"index {index_dir} has format version {meta.get('format_version')}, this "
-                        f"code reads version {FORMAT_VERSION}; rebuild it with python -m "
-                        "tvr_jax.index")
+      raise IndexFormatError(f"index {index_dir} has format version {meta.get('format_version')}, "
+                             f"this code reads version {FORMAT_VERSION}; rebuild it with python -m "
+                             "tvr_jax.index")
     videos = [IndexedVideo(**v) for v in meta["videos"]]
     mode = "r" if mmap else None
     arrays = {}
@@ -241,8 +240,8 @@ class SearchIndex:
       except (OSError, ValueError) as e:
         raise IndexFormatError(f"index {index_dir}: cannot read {name}.npy ({e})") from e
       if arrays[name].shape[0] != len(videos):
-        raise IndexFormatError(f"index {index_dir}: {name}.npy has {arrays[name].shape[0]} rows for "
-                          f"{len(videos)} videos")
+        raise IndexFormatError(f"index {index_dir}: {name}.npy has {arrays[name].shape[0]} rows "
+                               f"for {len(videos)} videos")
     return cls(index_dir, meta, videos, arrays["tokens"], arrays["mask"], arrays["pooled"],
                version)
 

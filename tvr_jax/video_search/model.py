@@ -5,13 +5,14 @@
     frame_options                       data_prep.frames.FrameOptions (fps, F, R) of the model
     model_id                            str identifying the model (config + parameters hash)
     description                         str for messages (checkpoint path, sizes)
-    encode_videos(frames, mask)         uint8 [B, F, R, R, 3], int32 [B, F] -> tokens float32 [B, F, D]
+    encode_videos(frames, mask)         uint8 [B, F, R, R, 3], int32 [B, F]
+                                          -> tokens float32 [B, F, D]
     encode_texts(texts)                 list[str] -> (sentence [N, D], words [N, L, D], mask [N, L])
     similarity_kwargs                   textual_attention / visual_attention of the DMAE head
     token_weights(words, wmask, tokens, vmask)   "wti" weights or None
 
-`RetrievalSearchModel` wraps a `tvr_jax.models.retrieval.RetrievalModel` with jitted encoders of fixed
-shapes (one compilation each); tests inject their own object with planted features.
+`RetrievalSearchModel` wraps a `tvr_jax.models.retrieval.RetrievalModel` with jitted encoders of
+fixed shapes (one compilation each); tests inject their own object with planted features.
 `load_retrieval_model(path)` reads a training work directory / step directory (see `tvr_jax.train`)
 or a converted CLIP directory (zero-shot: meanP header, no trained head).
 """

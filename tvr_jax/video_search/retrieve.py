@@ -1,4 +1,4 @@
-"""Two-stage retrieval over a search index: exact pooled top-k, then full re-scoring of the shortlist.
+"""Two-stage retrieval on a search index: exact pooled top-k, then full re-scoring of the shortlist.
 
 Stage 1 (every indexed video): cosine of the query's pooled embedding with each video's pooled
 embedding (L2-normalised masked mean of its visual tokens), exact top-K with `jax.lax.top_k` over
