@@ -129,7 +129,7 @@ class RetrievalModel(nnx.Module):
     self.header = TemporalHeader(config.header, dim, heads=c.text_heads,
                                  layers=config.header_layers, max_positions=c.context_length,
                                  renormalize=config.renormalize_after_header,
-                                 dtype=c.compute_dtype, rngs=rngs)
+                                 dtype=c.compute_dtype, activation=c.activation, rngs=rngs)
     self.header.init_from_clip(clip)
     self.token_weights = dmae.TokenWeights(dim, rngs=rngs) if config.token_weights else None
     if config.partial_type:
