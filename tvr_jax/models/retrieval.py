@@ -166,15 +166,30 @@ class RetrievalModel(nnx.Module):
     words = dmae.l2_normalize(words.astype(jnp.float32))
     return sent, words, mask
 
-  def frame_tokens(self, frames: jax.Array) -> jax.Array:
-    """frames [B, F, H, W, 3] (uint8, or float already CLIP-normalised) -> normalised [B, F, D]."""
+  def frame_tokens(self, frames: jax.Array, frame_mask: jax.Array) -> jax.Array:
+    """Per-frame CLIP features, L2-normalised.
+
+    Args:
+      frames: [B, F, H, W, 3], uint8 (normalised here) or float already CLIP-normalised.
+      frame_mask: [B, F], 0 = padded frame. Padded frames become exactly 0 after normalisation,
+        as CLIP4Clip pads (batches pad with black uint8 frames, which normalise to -mean/std).
+        Their tokens are masked out of S but reach the TPM-CL predictors, so their pixels must
+        not matter.
+
+    Returns:
+      [B, F, D] float32.
+    """
     if frames.ndim != 5:
       raise ValueError(f"frames must be [B, F, H, W, 3], got {frames.shape}")
     if frames.shape[1] != self.config.max_frames:
       raise ValueError(f"frames must have max_frames={self.config.max_frames} frames, got "
                        f"{frames.shape[1]}")
+    if frame_mask.shape != frames.shape[:2]:
+      raise ValueError(f"frame_mask must be [B, F] = {frames.shape[:2]}, got {frame_mask.shape}")
     if frames.dtype == jnp.uint8:
       frames = normalize_frames(frames)
+    real = (frame_mask != 0)[:, :, None, None, None]
+    frames = jnp.where(real, frames, jnp.zeros((), frames.dtype))
     b, f = frames.shape[:2]
     feats = self.clip.encode_image(frames.reshape(b * f, *frames.shape[2:]))
     return dmae.l2_normalize(feats.astype(jnp.float32).reshape(b, f, -1))
@@ -183,9 +198,10 @@ class RetrievalModel(nnx.Module):
     """frames [B, F, H, W, 3], frame_mask [B, F] -> (visual tokens [B, F, D] float32, mask).
 
     The tokens are what `similarity` and the chunked scorer consume: normalised per frame, then
-    passed through the temporal header.
+    passed through the temporal header. Padded frames (mask 0) enter the image tower as all-zero
+    normalised frames (`frame_tokens`).
     """
-    tokens = self.frame_tokens(frames)
+    tokens = self.frame_tokens(frames, frame_mask)
     return self.header(tokens, frame_mask).astype(jnp.float32), frame_mask
 
   # --------------------------------------------------------------------------------------------
@@ -220,7 +236,7 @@ class RetrievalModel(nnx.Module):
     cfg = self.config
     text = self.encode_text(batch["text_ids"], batch.get("keyword_mask"))
     frame_mask = batch["frame_mask"]
-    pre_header = self.frame_tokens(batch["frames"])
+    pre_header = self.frame_tokens(batch["frames"], frame_mask)
     tokens = self.header(pre_header, frame_mask).astype(jnp.float32)
     sim = self.similarity(text, (tokens, frame_mask))
     if cfg.contrastive_loss == "negnce":
