@@ -287,7 +287,8 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
   abstract_model = nnx.eval_shape(lambda: model_fn(config, load_weights=False))
   graphdef, abstract_params, abstract_rest = _split(abstract_model)
-  tx, schedules = optimizer_lib.build(config.optimizer.to_dict(), total_steps, abstract_params)
+  tx, schedules = optimizer_lib.build(config.optimizer.to_dict(), total_steps, abstract_params,
+                                     frozen=abstract_model.untrained_params())
   has_rest = bool(jax.tree.leaves(abstract_rest))
 
   def assemble(params, rest):
