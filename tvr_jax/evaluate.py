@@ -130,6 +130,7 @@ class Evaluator:
     sim = scoring.score(texts, videos, budget_bytes=int(self.config.score_budget_mb) << 20,
                         textual_attention=model_config["textual_attention"],
                         visual_attention=model_config["visual_attention"],
+                        precision=model_config.get("head_precision", "highest"),
                         show_progress=self.config.progress_bar and jax.process_index() == 0)
     caption_video = self.data.caption_to_video
     single = (len(caption_video) == self.data.num_videos and

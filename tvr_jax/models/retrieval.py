@@ -59,6 +59,10 @@ class RetrievalConfig:
       predictors' shapes depend on both.
     train_t2v_predictor: NOT the release: let the sentence-to-video predictor train
       (straight-through gradient through its masking); the faithful default leaves it untrained.
+    head_precision: matmul precision of everything after the towers (temporal header, DMAE
+      head, NegNCE / InfoNCE, TPM-CL; the chunked scorer takes the same setting): "highest"
+      (default: full float32, so TF32 on GPUs cannot flip argmax / hard-negative / masking
+      decisions) or "default" (the backend chooses). The towers keep CLIPConfig.dtype.
   """
   header: str = "meanP"
   header_layers: int = 4
@@ -75,8 +79,12 @@ class RetrievalConfig:
   max_words: int = 32
   max_frames: int = 12
   train_t2v_predictor: bool = False
+  head_precision: str = "highest"
 
   def __post_init__(self):
+    if self.head_precision not in dmae.HEAD_PRECISIONS:
+      raise ValueError(f"head_precision must be one of {dmae.HEAD_PRECISIONS}, got "
+                       f"{self.head_precision!r}")
     if self.contrastive_loss not in CONTRASTIVE_LOSSES:
       raise ValueError(f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}, got "
                        f"{self.contrastive_loss!r}")
@@ -214,7 +222,8 @@ class RetrievalModel(nnx.Module):
     normalised frames (`frame_tokens`).
     """
     tokens = self.frame_tokens(frames, frame_mask)
-    return self.header(tokens, frame_mask).astype(jnp.float32), frame_mask
+    with dmae.head_precision_scope(self.config.head_precision):
+      return self.header(tokens, frame_mask).astype(jnp.float32), frame_mask
 
   # --------------------------------------------------------------------------------------------
   # Similarity and loss
@@ -228,11 +237,12 @@ class RetrievalModel(nnx.Module):
     """DMAE similarity S [Bt, Bv] from `encode_text` and `encode_video` outputs."""
     sent, words, tmask = text_feats
     tokens, vmask = video_feats
-    word_w = frame_w = None
-    if self.token_weights is not None:
-      word_w, frame_w = self.token_weights(words, tmask, tokens, vmask)
-    return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
-                                frame_weights=frame_w, **self.similarity_kwargs())
+    with dmae.head_precision_scope(self.config.head_precision):
+      word_w = frame_w = None
+      if self.token_weights is not None:
+        word_w, frame_w = self.token_weights(words, tmask, tokens, vmask)
+      return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
+                                  frame_weights=frame_w, **self.similarity_kwargs())
 
   def loss(self, batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Training loss on a batch of matched (text, video) pairs.
@@ -245,10 +255,28 @@ class RetrievalModel(nnx.Module):
       (total, terms): total = contrastive + tpm_weight * tpm; terms holds `negnce` or `infonce`,
       `tpm` and its parts `tpm/T1`, `tpm/T2`, `tpm/T3` (those the partial type uses).
     """
-    cfg = self.config
     text = self.encode_text(batch["text_ids"], batch.get("keyword_mask"))
     frame_mask = batch["frame_mask"]
     pre_header = self.frame_tokens(batch["frames"], frame_mask)
+    return self.head_loss(text, pre_header, frame_mask)
+
+  def head_loss(self, text_feats: TextFeatures, frame_tokens: jax.Array, frame_mask: jax.Array
+                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """`loss` from encoded features: header, S, contrastive loss and TPM-CL, at head_precision.
+
+    Args:
+      text_feats: `encode_text` output (sentence [B, D], words [B, L, D], mask [B, L]).
+      frame_tokens: `frame_tokens` output [B, F, D] (before the temporal header).
+      frame_mask: [B, F].
+
+    Returns:
+      As `loss`.
+    """
+    with dmae.head_precision_scope(self.config.head_precision):
+      return self._head_loss(text_feats, frame_tokens, frame_mask)
+
+  def _head_loss(self, text, pre_header, frame_mask):
+    cfg = self.config
     tokens = self.header(pre_header, frame_mask).astype(jnp.float32)
     sim = self.similarity(text, (tokens, frame_mask))
     if cfg.contrastive_loss == "negnce":
