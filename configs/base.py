@@ -54,6 +54,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.delta = 0.6
   c.model.tpm_weight = 1.0
   c.model.train_t2v_predictor = False   # NOT the release: let the sentence->video predictor train
+  c.model.head_precision = "highest"    # matmuls after the towers + scorer: "highest" | "default"
 
   # ---- optimisation ----------------------------------------------------------------------------
   c.batch_size = 128             # GLOBAL batch: the same objective on 1, 8 or 256 devices

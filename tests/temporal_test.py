@@ -50,10 +50,13 @@ def test_seqtransf_copies_clip_text_blocks(clip):
   np.testing.assert_array_equal(clip.transformer.resblocks[0].ln_1.scale[...], before)
 
 
-def _torch_reference(header, x, mask):
-  """CLIP4Clip's seqTransf in PyTorch (nn.MultiheadAttention, additive -1e6 key mask)."""
+def _torch_reference(header, x, mask, *, eps=1e-12, gelu=False, heads=CFG.text_heads):
+  """CLIP4Clip's seqTransf in PyTorch (nn.MultiheadAttention, additive -1e6 key mask).
+
+  Its LayerNorms are BERT-style (eps 1e-12); the MLP activation is QuickGELU or, with `gelu`,
+  torch's exact `nn.GELU()`.
+  """
   d = x.shape[-1]
-  heads = CFG.text_heads
   out = torch.tensor(x) + torch.tensor(np.asarray(header.frame_position_embeddings[...]))[
       :x.shape[1]][None]
   ext = (1.0 - torch.tensor(mask, dtype=torch.float32))[:, None, :] * -1000000.0
@@ -71,13 +74,14 @@ def _torch_reference(header, x, mask):
       mha.out_proj.weight.copy_(t(a.out_proj.kernel[...]).T)
       mha.out_proj.bias.copy_(t(a.out_proj.bias[...]))
     ln = lambda y, m: torch.nn.functional.layer_norm(y, (d,), t(m.scale[...]), t(m.bias[...]),
-                                                     1e-5)
+                                                     eps)
     lin = lambda y, m: y @ t(m.kernel[...]) + t(m.bias[...])
     with torch.no_grad():
       h = h + mha(ln(h, block.ln_1), ln(h, block.ln_1), ln(h, block.ln_1), need_weights=False,
                   attn_mask=ext)[0]
       z = lin(ln(h, block.ln_2), block.mlp.c_fc)
-      h = h + lin(z * torch.sigmoid(1.702 * z), block.mlp.c_proj)
+      act = torch.nn.GELU()(z) if gelu else z * torch.sigmoid(1.702 * z)
+      h = h + lin(act, block.mlp.c_proj)
   return (h.permute(1, 0, 2) + torch.tensor(x)).numpy()
 
 
@@ -109,3 +113,47 @@ def test_renormalize_flag_and_errors(clip):
   deep = TemporalHeader("seqTransf", 64, heads=2, layers=6, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="blocks"):
     deep.init_from_clip(clip)
+
+
+def test_seqtransf_layernorm_epsilon_is_the_releases(clip):
+  """The header's own LayerNorms use eps 1e-12 (release), CLIP's keep 1e-5.
+
+  Small inputs make the epsilon matter: tokens of norm 1e-3 plus CLIP's 0.01-scale position table
+  give a LayerNorm variance near 1e-4, where eps 1e-5 moves the output by several percent.
+  """
+  header = TemporalHeader("seqTransf", 64, heads=CFG.text_heads, rngs=nnx.Rngs(4))
+  header.init_from_clip(clip)
+  x, mask = _inputs(seed=5)
+  x = 1e-3 * x
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(header(x, mask))
+  want = _torch_reference(header, x, mask, eps=1e-12)
+  clip_eps = _torch_reference(header, x, mask, eps=1e-5)
+  err = np.abs(got - want).max() / np.abs(want).max()
+  clip_eps_err = np.abs(clip_eps - want).max() / np.abs(want).max()
+  assert err < 1e-5 and clip_eps_err > 1e-2, (err, clip_eps_err)  # eps 1e-5 would fail
+  assert all(b.ln_1.eps == b.ln_2.eps == 1e-12 for b in header.resblocks)
+  assert all(b.ln_1.eps == b.ln_2.eps == 1e-5 for b in clip.transformer.resblocks)
+  assert clip.ln_final.eps == clip.visual.ln_post.eps == 1e-5
+
+
+def test_seqtransf_uses_the_clips_activation():
+  """A GELU CLIP gives a GELU header (checked against torch's nn.GELU); a mismatch is refused."""
+  from tvr_jax.models.retrieval import RetrievalConfig, RetrievalModel
+  gelu_clip = CLIP(CFG.replace(activation="gelu"), rngs=nnx.Rngs(6))
+  header = TemporalHeader("seqTransf", 64, heads=CFG.text_heads, activation="gelu",
+                          rngs=nnx.Rngs(7))
+  header.init_from_clip(gelu_clip)
+  x, mask = _inputs(seed=8)
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(header(x, mask))
+  np.testing.assert_allclose(got, _torch_reference(header, x, mask, gelu=True), rtol=1e-4,
+                             atol=1e-5)
+  quick = _torch_reference(header, x, mask, gelu=False)
+  assert np.abs(quick - got).max() > 1e-3
+  with pytest.raises(ValueError, match="activation"):
+    TemporalHeader("seqTransf", 64, heads=CFG.text_heads, rngs=nnx.Rngs(0)).init_from_clip(
+        gelu_clip)
+  model = RetrievalModel(RetrievalConfig(header="seqTransf", max_words=8, max_frames=5),
+                         clip=gelu_clip, rngs=nnx.Rngs(0))
+  assert {b.mlp.activation for b in model.header.resblocks} == {"gelu"}

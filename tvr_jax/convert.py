@@ -10,6 +10,12 @@ naming (`vision_model.encoder.layers.N.self_attn.q_proj.weight`, ...) as a model
 (heads = width // 64 unless a Hugging Face config.json or --vision-heads/--text-heads say
 otherwise).
 
+Activation: a state dict does not say whether its MLPs used OpenAI's QuickGELU or the exact GELU
+(open_clip's default configs, LAION / DataComp weights). Where the source says, it is read: a
+Hugging Face config.json's `hidden_act`, OpenAI's TorchScript archives (QuickGELU). Elsewhere
+(plain state dicts, open_clip checkpoints) QuickGELU is assumed and the summary says so and how to
+choose GELU (`--activation gelu`); an `--activation` that contradicts the source is an error.
+
 Layout changes: linear weights transpose to `[in, out]`, the fused `in_proj` splits into q/k/v,
 conv OIHW becomes HWIO, LayerNorm weight becomes `scale`. Every source key must be consumed and
 every target parameter filled exactly once, with the right shape; anything else is an error naming
@@ -32,10 +38,12 @@ from typing import Any
 import numpy as np
 
 from tvr_jax import torch_io
-from tvr_jax.models.clip import CONFIG_FILE, PARAMS_DIR, CLIPConfig, param_shapes, unflatten_params
+from tvr_jax.models.clip import (ACTIVATIONS, CONFIG_FILE, PARAMS_DIR, CLIPConfig, param_shapes,
+                                 unflatten_params)
 
 # OpenAI's TorchScript archives carry these non-weight entries in their state dict.
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+DEFAULT_ACTIVATION = "quick_gelu"
 
 
 class ConversionError(ValueError):
@@ -53,6 +61,8 @@ class Conversion:
     metadata: non-weight source entries consumed as metadata, key -> value.
     naming: "openai" or "hf".
     source: the checkpoint read.
+    activation_source: where `config.activation` came from, e.g. "config.json hidden_act",
+      "--activation", or "assumed" (the source does not say and no flag was given).
   """
   config: CLIPConfig
   params: dict[str, np.ndarray]
@@ -60,6 +70,7 @@ class Conversion:
   metadata: dict[str, Any]
   naming: str
   source: torch_io.Checkpoint
+  activation_source: str = "assumed"
 
 
 class _Mapper:
@@ -242,10 +253,6 @@ def infer_hf_config(tensors, hf_config: dict | None, source: str, vision_heads=N
   vcfg = hf_config.get("vision_config") or hf_config.get("vision_config_dict") or {}
   tcfg = hf_config.get("text_config") or hf_config.get("text_config_dict") or {}
   for name, cfg in (("vision_config", vcfg), ("text_config", tcfg)):
-    act = cfg.get("hidden_act", "quick_gelu")
-    if act != "quick_gelu":
-      raise ConversionError(f"{source}: {name}.hidden_act is {act!r}; only OpenAI's quick_gelu "
-                            f"is implemented")
     eps = cfg.get("layer_norm_eps", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
       raise ConversionError(f"{source}: {name}.layer_norm_eps is {eps}; only 1e-5 is implemented")
@@ -287,6 +294,55 @@ def infer_hf_config(tensors, hf_config: dict | None, source: str, vision_heads=N
       raise ConversionError(f"{source}: config.json {section}.{field} = {given} disagrees with the "
                             f"weights ({value})")
   return config
+
+
+def hf_activation(hf_config: dict, source: str) -> str:
+  """The activation a Hugging Face config.json declares (`hidden_act` of both towers).
+
+  A missing field means the transformers default, quick_gelu. Raises ConversionError for an
+  activation neither path implements, or towers that disagree (one CLIPConfig.activation).
+  """
+  acts = {}
+  for name in ("vision_config", "text_config"):
+    cfg = hf_config.get(name) or hf_config.get(f"{name}_dict") or {}
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+      raise ConversionError(f"{source}: {name}.hidden_act is {act!r}; only "
+                            f"{' and '.join(ACTIVATIONS)} (exact erf GELU) are implemented")
+    acts[name] = act
+  if len(set(acts.values())) > 1:
+    raise ConversionError(f"{source}: vision_config.hidden_act {acts['vision_config']!r} and "
+                          f"text_config.hidden_act {acts['text_config']!r} differ; the Flax CLIP "
+                          f"has one activation for both towers")
+  return acts["vision_config"]
+
+
+def declared_activation(ck: torch_io.Checkpoint, naming: str) -> tuple[str | None, str]:
+  """(activation, where it is said) when the source says, else (None, why it cannot say)."""
+  if naming == "hf" and ck.hf_config is not None:
+    return hf_activation(ck.hf_config, ck.path), "config.json hidden_act"
+  if ck.format == "torchscript":
+    return "quick_gelu", "OpenAI TorchScript archive"
+  return None, "a plain state dict does not record it"
+
+
+def choose_activation(ck: torch_io.Checkpoint, naming: str, requested: str | None
+                      ) -> tuple[str, str]:
+  """(activation, source) from what the checkpoint says and the `--activation` flag.
+
+  Raises ConversionError when the flag contradicts the source or names an unknown activation.
+  """
+  if requested is not None and requested not in ACTIVATIONS:
+    raise ConversionError(f"--activation {requested!r}: expected one of {ACTIVATIONS}")
+  declared, where = declared_activation(ck, naming)
+  if declared is not None:
+    if requested is not None and requested != declared:
+      raise ConversionError(f"{ck.path}: --activation {requested} contradicts the source "
+                            f"({where}: {declared}); drop the flag or use --activation {declared}")
+    return declared, where
+  if requested is not None:
+    return requested, "--activation"
+  return DEFAULT_ACTIVATION, "assumed"
 
 
 def _hf_block(m: _Mapper, src: str, dst: str):
@@ -338,10 +394,17 @@ def map_hf(ck: torch_io.Checkpoint, vision_heads=None, text_heads=None) -> Conve
 # ----------------------------------------------------------------------------------------------
 
 def map_checkpoint(ck: torch_io.Checkpoint, vision_heads: int | None = None,
-                   text_heads: int | None = None) -> Conversion:
-  """Maps a read checkpoint onto the Flax CLIP and checks the result against the model's shapes."""
+                   text_heads: int | None = None, activation: str | None = None) -> Conversion:
+  """Maps a read checkpoint onto the Flax CLIP and checks the result against the model's shapes.
+
+  activation: "quick_gelu" / "gelu" as `--activation`; None = what the source says, else
+  quick_gelu (recorded as assumed in `Conversion.activation_source`).
+  """
   naming = detect_naming(ck.tensors, ck.path)
+  act, act_source = choose_activation(ck, naming, activation)
   conv = (map_openai if naming == "openai" else map_hf)(ck, vision_heads, text_heads)
+  conv.config = conv.config.replace(activation=act)
+  conv.activation_source = act_source
   expected = param_shapes(conv.config)
   missing = sorted(set(expected) - set(conv.params))
   extra = sorted(set(conv.params) - set(expected))
@@ -369,7 +432,7 @@ def write_converted(conv: Conversion, out: str, overwrite: bool = False) -> str:
     checkpointing.save_pytree(os.path.join(tmp, PARAMS_DIR), unflatten_params(conv.params))
     info = {**conv.config.to_dict(), "source": os.path.abspath(conv.source.path),
             "source_format": conv.source.format, "source_naming": conv.naming,
-            "source_metadata": conv.metadata}
+            "source_metadata": conv.metadata, "activation_source": conv.activation_source}
     if conv.source.weights_format:
       info["source_weights_format"] = conv.source.weights_format
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -388,15 +451,31 @@ def write_converted(conv: Conversion, out: str, overwrite: bool = False) -> str:
   return out
 
 
+def activation_note(conv: Conversion) -> str:
+  """The summary's activation line; for an assumed one, how to choose the other."""
+  act = conv.config.activation
+  if conv.activation_source != "assumed":
+    return f"{act} ({conv.activation_source})"
+  other = next(a for a in ACTIVATIONS if a != act)
+  return (f"{act} ASSUMED: the source does not say which activation it was trained with. "
+          f"OpenAI weights use quick_gelu; open_clip models without '-quickgelu' in their name "
+          f"(LAION, DataComp weights) use gelu. If this one does, convert again with "
+          f"--activation {other} (or pass --activation {act} to confirm)")
+
+
 def convert(src: str, out: str, *, overwrite: bool = False, vision_heads: int | None = None,
-            text_heads: int | None = None, log=print) -> Conversion:
-  """Reads `src`, maps it onto the Flax CLIP, writes `out`; returns the `Conversion`."""
+            text_heads: int | None = None, activation: str | None = None,
+            log=print) -> Conversion:
+  """Reads `src`, maps it onto the Flax CLIP, writes `out`; returns the `Conversion`.
+
+  activation: as `--activation` (None: what the source says, else quick_gelu, with a note).
+  """
   start = time.perf_counter()
   if os.path.exists(out) and not overwrite:  # fail before the (slow) read
     raise FileExistsError(f"{os.path.abspath(out)} already exists (pass --overwrite to replace it)")
   ck = torch_io.read_checkpoint(src)
   dtypes = sorted({str(v.dtype) for v in ck.tensors.values()})
-  conv = map_checkpoint(ck, vision_heads, text_heads)
+  conv = map_checkpoint(ck, vision_heads, text_heads, activation)
   write_converted(conv, out, overwrite)
   c = conv.config
   n_params = sum(int(v.size) for v in conv.params.values())
@@ -409,6 +488,7 @@ def convert(src: str, out: str, *, overwrite: bool = False, vision_heads: int | 
       f"text        context {c.context_length}, vocab {c.vocab_size}, width {c.text_width}, "
       f"{c.text_layers} layers, {c.text_heads} heads\n"
       f"embed_dim   {c.embed_dim}\n"
+      f"activation  {activation_note(conv)}\n"
       f"wrote       {os.path.abspath(out)}: {len(conv.params)} arrays, {n_params:,} float32 "
       f"parameters in {time.perf_counter() - start:.1f} s")
   return conv
@@ -426,10 +506,15 @@ def main(argv: list[str] | None = None) -> int:
                       help="override the inferred vision head count (default width // 64)")
   parser.add_argument("--text-heads", type=int, default=None,
                       help="override the inferred text head count (default width // 64)")
+  parser.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                      help="MLP activation the weights were trained with: quick_gelu (OpenAI) or "
+                      "gelu (open_clip default configs, LAION / DataComp). Default: what the "
+                      "source says (Hugging Face hidden_act, OpenAI TorchScript), else quick_gelu "
+                      "with a note; contradicting the source is an error")
   args = parser.parse_args(argv)
   try:
     convert(args.src, args.out, overwrite=args.overwrite, vision_heads=args.vision_heads,
-            text_heads=args.text_heads)
+            text_heads=args.text_heads, activation=args.activation)
   except (torch_io.CheckpointError, ConversionError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -128,10 +128,12 @@ class Evaluator:
     t0 = time.perf_counter()
     texts, videos = self.encode(state)
     t_encode = time.perf_counter() - t0
-    switches = build_lib.retrieval_config(self.config).similarity_kwargs()
+    model_config = build_lib.retrieval_config(self.config)
+    switches = model_config.similarity_kwargs()
     sim = scoring.score(texts, videos, budget_bytes=int(self.config.score_budget_mb) << 20,
                         textual_attention=switches["textual_attention"],
                         visual_attention=switches["visual_attention"],
+                        precision=model_config.head_precision,
                         show_progress=self.config.progress_bar and jax.process_index() == 0)
     caption_video = self.data.caption_to_video
     single = (len(caption_video) == self.data.num_videos and

@@ -8,7 +8,9 @@
 
 Groups (config `optimizer.groups`) are `(regex, peak_lr)` pairs; the release uses 1e-7 for CLIP
 parameters and 1e-4 for new modules. A peak lr of 0 freezes the group (its updates are zero and
-its Adam moments are not even allocated). Decay is decoupled in the AdamW sense: the update adds
+its Adam moments are not even allocated). Parameters the model does not train by design (`frozen`
+patterns, from `RetrievalModel.untrained_params()`) are handled the same way whatever their group:
+no update and no weight decay, so they stay bit-identical. Decay is decoupled in the AdamW sense: the update adds
 `wd · θ` after Adam's normalisation and the sum is scaled by the learning rate, as torch.optim.AdamW
 and CLIP4Clip's BertAdam do.
 
@@ -49,13 +51,20 @@ def warmup_cosine(peak_lr: float, total_steps: int, warmup_fraction: float = 0.1
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, total_steps, end_value=0.0)
 
 
-def group_labels(params: Any, groups: Sequence[tuple[str, float]]) -> Any:
+FROZEN_LABEL = "frozen"
+
+
+def group_labels(params: Any, groups: Sequence[tuple[str, float]],
+                 frozen: Sequence[str] = ()) -> Any:
   """Tree of group names ('g0', 'g1', ...) for `params` by the first matching regex.
 
+  Paths matching a `frozen` regex get FROZEN_LABEL instead, before any group is tried.
   Raises ValueError naming the parameter when no group matches (end the list with '.*').
   """
   def label(path, _):
     p = sharding.path_str(path)
+    if any(re.search(f, p) for f in frozen):
+      return FROZEN_LABEL
     for i, (pattern, _) in enumerate(groups):
       if re.search(pattern, p):
         return f"g{i}"
@@ -70,7 +79,7 @@ def decay_mask(params: Any, no_decay: Sequence[str] = DEFAULT_NO_DECAY) -> Any:
       lambda path, _: not any(re.search(p, sharding.path_str(path)) for p in no_decay), params)
 
 
-def build(config: Mapping[str, Any], total_steps: int, params: Any
+def build(config: Mapping[str, Any], total_steps: int, params: Any, frozen: Sequence[str] = ()
           ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
   """The full optimizer for the parameter tree `params` (arrays or ShapeDtypeStructs).
 
@@ -80,15 +89,21 @@ def build(config: Mapping[str, Any], total_steps: int, params: Any
       `no_decay` [regex].
     total_steps: number of optimizer steps of the run (the schedule's length).
     params: the pure parameter tree the optimizer will update.
+    frozen: regexes of parameter paths that get no gradient by design (e.g. the release's
+      untrained sentence-to-video predictor): zero updates, no decay, no Adam moments. Without
+      this, decoupled weight decay would still shrink them every step.
 
   Returns:
     `(tx, schedules)`; `schedules` maps each group's regex to its lr schedule (for logging).
   """
   groups = [(str(p), float(lr)) for p, lr in config["groups"]]
-  labels = group_labels(params, groups)
+  frozen = tuple(frozen)
+  labels = group_labels(params, groups, frozen)
   no_decay = tuple(config.get("no_decay", None) or DEFAULT_NO_DECAY)
   mask = decay_mask(params, no_decay)
   transforms, schedules = {}, {}
+  if frozen:
+    transforms[FROZEN_LABEL] = optax.set_to_zero()
   for i, (pattern, lr) in enumerate(groups):
     if lr == 0.0:
       transforms[f"g{i}"] = optax.set_to_zero()

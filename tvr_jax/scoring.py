@@ -46,9 +46,10 @@ class ChunkPlan:
     return self.temp_bytes + self.argument_bytes + self.output_bytes
 
 
-def _block_fn(sent, words, tmask, tokens, vmask, word_w, frame_w, *, kwargs):
-  return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
-                              frame_weights=frame_w, **kwargs)
+def _block_fn(sent, words, tmask, tokens, vmask, word_w, frame_w, *, kwargs, precision):
+  with dmae.head_precision_scope(precision):
+    return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
+                                frame_weights=frame_w, **kwargs)
 
 
 def estimate_chunks(num_texts: int, num_videos: int, num_words: int, num_tokens: int, dim: int,
@@ -79,17 +80,24 @@ class ChunkedScorer:
   Usage:
     scorer = ChunkedScorer(budget_bytes=1 << 30, textual_attention=True, visual_attention=True)
     sim = scorer(text_feats, video_feats)   # np.ndarray [Nt, Nv] float32
+
+  `precision` is the matmul precision of the block's dots (`RetrievalConfig.head_precision`):
+  "highest" (default, full float32 as in training) or "default" (the backend chooses; TF32 on
+  recent NVIDIA GPUs).
   """
 
   def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, *, textual_attention: bool = True,
-               visual_attention: bool = True, show_progress: bool = True):
+               visual_attention: bool = True, show_progress: bool = True,
+               precision: str = "highest"):
     if budget_bytes <= 0:
       raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+    dmae.head_precision_scope(precision)  # refuses an unknown setting here, not at first use
+    self.precision = precision
     self.budget_bytes = int(budget_bytes)
     self.kwargs = dict(textual_attention=textual_attention, visual_attention=visual_attention,
                        normalize=False)
     self.show_progress = show_progress
-    self._jitted = jax.jit(lambda *a: _block_fn(*a, kwargs=self.kwargs))
+    self._jitted = jax.jit(lambda *a: _block_fn(*a, kwargs=self.kwargs, precision=precision))
     self._compiled: Dict[Any, Any] = {}
     self.compilations = 0
     self.plan: Optional[ChunkPlan] = None
@@ -198,10 +206,11 @@ class ChunkedScorer:
 def score(text_feats, video_feats, *, budget_bytes: int = DEFAULT_BUDGET_BYTES,
           textual_attention: bool = True, visual_attention: bool = True,
           word_weights: Optional[np.ndarray] = None, frame_weights: Optional[np.ndarray] = None,
-          show_progress: bool = True) -> np.ndarray:
+          show_progress: bool = True, precision: str = "highest") -> np.ndarray:
   """One-call form of `ChunkedScorer`: S [Nt, Nv] float32 of cached features within a budget."""
   scorer = ChunkedScorer(budget_bytes, textual_attention=textual_attention,
-                         visual_attention=visual_attention, show_progress=show_progress)
+                         visual_attention=visual_attention, show_progress=show_progress,
+                         precision=precision)
   return scorer(text_feats, video_feats, word_weights, frame_weights)
 
 
@@ -210,16 +219,22 @@ def score_model(model, text_feats, video_feats, *, budget_bytes: int = DEFAULT_B
   """S [Nt, Nv] with the switches of a `RetrievalModel` (incl. its learned "wti" token weights).
 
   Args:
-    model: a `tvr_jax.models.retrieval.RetrievalModel` (its config gives the attention switches;
+    model: a `tvr_jax.models.retrieval.RetrievalModel` (its config gives the attention switches
+      and the head precision;
       with `token_weights` on, the weights are computed here from the cached features, in slices of
       `rows_per_call` rows with one compiled shape).
     text_feats, video_feats: cached `encode_text` / `encode_video` outputs.
   """
   cfg = model.config
+  precision = getattr(cfg, "head_precision", "highest")
   word_w = frame_w = None
   if model.token_weights is not None:
     tw = model.token_weights
-    fn = jax.jit(lambda x, m, fc: dmae.masked_softmax(fc(x)[..., 0], m))
+
+    def token_weights(x, m, fc):
+      with dmae.head_precision_scope(precision):
+        return dmae.masked_softmax(fc(x)[..., 0], m)
+    fn = jax.jit(token_weights)
 
     def weights(x, m, fc):
       x, m = np.asarray(x), np.asarray(m)
@@ -236,4 +251,5 @@ def score_model(model, text_feats, video_feats, *, budget_bytes: int = DEFAULT_B
     frame_w = weights(video_feats[0], video_feats[1], tw.video_fc)
   return score(text_feats, video_feats, budget_bytes=budget_bytes,
                textual_attention=cfg.textual_attention, visual_attention=cfg.visual_attention,
-               word_weights=word_w, frame_weights=frame_w, show_progress=show_progress)
+               word_weights=word_w, frame_weights=frame_w, show_progress=show_progress,
+               precision=precision)

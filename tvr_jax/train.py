@@ -127,7 +127,8 @@ def _plan_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   """(abstract state, TrainSetup, assemble(params, rest), init_from_scratch()): all still abstract."""
   abstract_model = nnx.eval_shape(lambda: model_fn(config, load_weights=False))
   graphdef, abstract_params, abstract_rest = _split(abstract_model)
-  tx, schedules = optimizer_lib.build(config.optimizer.to_dict(), total_steps, abstract_params)
+  tx, schedules = optimizer_lib.build(config.optimizer.to_dict(), total_steps, abstract_params,
+                                     frozen=abstract_model.untrained_params())
   has_rest = bool(jax.tree.leaves(abstract_rest))
 
   def assemble(params, rest):

@@ -29,6 +29,9 @@ from tvr_jax.tree_paths import fill_params, flatten_params, unflatten_params  # 
 
 # LayerNorm epsilon of PyTorch / OpenAI CLIP (Flax's default is 1e-6).
 LN_EPS = 1e-5
+# MLP activations: OpenAI's QuickGELU, or the exact erf GELU of torch `nn.GELU()` (open_clip's
+# default configs and the LAION / DataComp weights trained with them).
+ACTIVATIONS = ("quick_gelu", "gelu")
 CONFIG_FILE = "clip_config.json"
 PARAMS_DIR = "params"
 
@@ -49,6 +52,9 @@ class CLIPConfig:
     attention_impl: `implementation` argument of `jax.nn.dot_product_attention`: None (let JAX
       pick), "xla", or "cudnn" (GPU only; cuDNN flash attention needs bfloat16 compute).
     remat: rematerialise each residual block (`nnx.remat`) to save activation memory.
+    activation: MLP activation of every block of both towers, "quick_gelu" (OpenAI) or "gelu"
+      (exact erf GELU). A state dict does not record it; `clip_config.json` does (a file without
+      the field reads as "quick_gelu").
   """
   embed_dim: int = 512
   image_size: int = 224
@@ -64,8 +70,12 @@ class CLIPConfig:
   dtype: str = "float32"
   attention_impl: str | None = None
   remat: bool = False
+  activation: str = "quick_gelu"
 
   def __post_init__(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"CLIPConfig.activation must be one of {ACTIVATIONS}, got "
+                       f"{self.activation!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"CLIPConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
     if self.attention_impl not in (None, "xla", "cudnn"):
@@ -134,10 +144,27 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm (eps 1e-5) computed in float32 and cast back to the input dtype, as OpenAI's."""
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU x * Phi(x) with the erf form (torch `nn.GELU()`, open_clip's default)."""
+  return jax.nn.gelu(x, approximate=False)
 
-  def __init__(self, width: int, *, rngs: nnx.Rngs):
+
+def activation_fn(name: str):
+  """The MLP activation called `name` ("quick_gelu" or "gelu")."""
+  fns = {"quick_gelu": quick_gelu, "gelu": gelu}
+  if name not in fns:
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+  return fns[name]
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 and cast back to the input dtype, as OpenAI's.
+
+  eps: 1e-5 (PyTorch / OpenAI CLIP) unless a caller that follows another model says otherwise.
+  """
+
+  def __init__(self, width: int, *, eps: float = LN_EPS, rngs: nnx.Rngs):
+    self.eps = eps
     self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
 
@@ -145,7 +172,7 @@ class LayerNorm(nnx.Module):
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale[...] + self.bias[...]
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
     return y.astype(x.dtype)
 
 
@@ -197,34 +224,40 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """c_fc -> QuickGELU -> c_proj (OpenAI's `mlp` Sequential)."""
+  """c_fc -> activation (QuickGELU or GELU) -> c_proj (OpenAI's `mlp` Sequential)."""
 
-  def __init__(self, width: int, *, fc_std: float, proj_std: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, *, fc_std: float, proj_std: float, dtype,
+               activation: str = "quick_gelu", rngs: nnx.Rngs):
+    activation_fn(activation)  # fail at construction on an unknown name
+    self.activation = activation
     self.c_fc = _linear(width, 4 * width, fc_std, dtype, rngs)
     self.c_proj = _linear(4 * width, width, proj_std, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _rows(self.c_proj, quick_gelu(_rows(self.c_fc, x)))
+    return _rows(self.c_proj, activation_fn(self.activation)(_rows(self.c_fc, x)))
 
 
 class ResidualAttentionBlock(nnx.Module):
   """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
   Reusable outside CLIP (the seqTransf temporal header copies text blocks 0-3): the call takes an
-  optional attention mask, key padding mask and causal flag.
+  optional attention mask, key padding mask and causal flag; `activation` and `ln_eps` let such a
+  copy follow its own model (the header keeps CLIP's activation and uses its own LN epsilon).
   """
 
   def __init__(self, width: int, heads: int, layers: int = 12, *, dtype=jnp.float32,
-               attention_impl: str | None = None, rngs: nnx.Rngs):
+               attention_impl: str | None = None, activation: str = "quick_gelu",
+               ln_eps: float = LN_EPS, rngs: nnx.Rngs):
     # OpenAI CLIP's initialisation (model.py `initialize_parameters`).
     attn_std = width ** -0.5
     proj_std = width ** -0.5 * (2 * layers) ** -0.5
     fc_std = (2 * width) ** -0.5
-    self.ln_1 = LayerNorm(width, rngs=rngs)
+    self.ln_1 = LayerNorm(width, eps=ln_eps, rngs=rngs)
     self.attn = MultiHeadAttention(width, heads, attn_std=attn_std, proj_std=proj_std,
                                    dtype=dtype, attention_impl=attention_impl, rngs=rngs)
-    self.ln_2 = LayerNorm(width, rngs=rngs)
-    self.mlp = MLP(width, fc_std=fc_std, proj_std=proj_std, dtype=dtype, rngs=rngs)
+    self.ln_2 = LayerNorm(width, eps=ln_eps, rngs=rngs)
+    self.mlp = MLP(width, fc_std=fc_std, proj_std=proj_std, dtype=dtype, activation=activation,
+                   rngs=rngs)
 
   def __call__(self, x: jax.Array, attn_mask: jax.Array | None = None,
                key_padding_mask: jax.Array | None = None, *, causal: bool = False,
@@ -272,11 +305,11 @@ class Transformer(nnx.Module):
   """A stack of `ResidualAttentionBlock`s (`resblocks[i]`), optionally rematerialised."""
 
   def __init__(self, width: int, layers: int, heads: int, *, dtype, attention_impl,
-               remat: bool, rngs: nnx.Rngs):
+               remat: bool, activation: str = "quick_gelu", rngs: nnx.Rngs):
     self.remat = remat
     self.resblocks = nnx.List([
         ResidualAttentionBlock(width, heads, layers, dtype=dtype, attention_impl=attention_impl,
-                               rngs=rngs) for _ in range(layers)])
+                               activation=activation, rngs=rngs) for _ in range(layers)])
 
   def __call__(self, x: jax.Array, attn_mask=None, key_padding_mask=None, *,
                causal: bool = False, first_token_only: bool = False) -> jax.Array:
@@ -310,7 +343,8 @@ class VisionTransformer(nnx.Module):
         scale * jax.random.normal(rngs.params(), (c.grid_size ** 2 + 1, c.vision_width)))
     self.ln_pre = LayerNorm(c.vision_width, rngs=rngs)
     self.transformer = Transformer(c.vision_width, c.vision_layers, c.vision_heads, dtype=dtype,
-                                   attention_impl=c.attention_impl, remat=c.remat, rngs=rngs)
+                                   attention_impl=c.attention_impl, remat=c.remat,
+                                   activation=c.activation, rngs=rngs)
     self.ln_post = LayerNorm(c.vision_width, rngs=rngs)
     self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (c.vision_width, c.embed_dim)))
 
@@ -362,7 +396,8 @@ class CLIP(nnx.Module):
     self.positional_embedding = nnx.Param(
         0.01 * jax.random.normal(rngs.params(), (c.context_length, c.text_width)))
     self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, dtype=dtype,
-                                   attention_impl=c.attention_impl, remat=c.remat, rngs=rngs)
+                                   attention_impl=c.attention_impl, remat=c.remat,
+                                   activation=c.activation, rngs=rngs)
     self.ln_final = LayerNorm(c.text_width, rngs=rngs)
     self.text_projection = nnx.Param(
         c.text_width ** -0.5 * jax.random.normal(rngs.params(), (c.text_width, c.embed_dim)))

@@ -15,13 +15,32 @@ Facts pinned down by the release and its golden data (docs/method.md §A.3, §A.
   with a frame-frame matrix whose diagonal and masked rows/columns are zero.
 """
 
-from typing import Optional, Tuple
+import contextlib
+from typing import ContextManager, Optional, Tuple
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
 NORM_EPS = 1e-6
+# Matmul precision of everything after the towers (header, DMAE head, losses, TPM-CL, scorer).
+HEAD_PRECISIONS = ("highest", "default")
+
+
+def head_precision_scope(setting: str) -> ContextManager:
+  """Context in which the head's dots and einsums are traced at `setting`.
+
+  "highest": full float32 products (`jax.default_matmul_precision("highest")`). On recent NVIDIA
+  GPUs float32 dots otherwise run as TF32 (~1e-3 relative), enough to flip the argmax of visual
+  attention, NegNCE's hard-negative set or TPM-CL's masking. "default": whatever JAX's default
+  matmul precision is (the backend chooses). Applied while tracing, so jitted functions (and
+  their gradients, whose dots inherit the forward's precision) carry it in their HLO.
+  """
+  if setting not in HEAD_PRECISIONS:
+    raise ValueError(f"head precision must be one of {HEAD_PRECISIONS}, got {setting!r}")
+  if setting == "highest":
+    return jax.default_matmul_precision("highest")
+  return contextlib.nullcontext()
 
 
 def l2_normalize(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:

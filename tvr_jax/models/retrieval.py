@@ -61,6 +61,10 @@ class RetrievalConfig:
       predictors' shapes depend on both.
     train_t2v_predictor: NOT the release: let the sentence-to-video predictor train
       (straight-through gradient through its masking); the faithful default leaves it untrained.
+    head_precision: matmul precision of everything after the towers (temporal header, DMAE
+      head, NegNCE / InfoNCE, TPM-CL; the chunked scorer takes the same setting): "highest"
+      (default: full float32, so TF32 on GPUs cannot flip argmax / hard-negative / masking
+      decisions) or "default" (the backend chooses). The towers keep CLIPConfig.dtype.
   """
   header: str = "meanP"
   header_layers: int = 4
@@ -77,10 +81,14 @@ class RetrievalConfig:
   max_words: int = 32
   max_frames: int = 12
   train_t2v_predictor: bool = False
+  head_precision: str = "highest"
 
   def __post_init__(self):
     if self.header not in HEADERS:
       raise ValueError(f"header must be one of {HEADERS}, got {self.header!r}")
+    if self.head_precision not in dmae.HEAD_PRECISIONS:
+      raise ValueError(f"head_precision must be one of {dmae.HEAD_PRECISIONS}, got "
+                       f"{self.head_precision!r}")
     if self.contrastive_loss not in CONTRASTIVE_LOSSES:
       raise ValueError(f"contrastive_loss must be one of {CONTRASTIVE_LOSSES}, got "
                        f"{self.contrastive_loss!r}")
@@ -138,7 +146,7 @@ class RetrievalModel(nnx.Module):
     self.header = TemporalHeader(config.header, dim, heads=c.text_heads,
                                  layers=config.header_layers, max_positions=c.context_length,
                                  renormalize=config.renormalize_after_header,
-                                 dtype=c.compute_dtype, rngs=rngs)
+                                 dtype=c.compute_dtype, activation=c.activation, rngs=rngs)
     self.header.init_from_clip(clip)
     self.token_weights = dmae.TokenWeights(dim, rngs=rngs) if config.token_weights else None
     if config.partial_type:
@@ -148,6 +156,18 @@ class RetrievalModel(nnx.Module):
                                                               rngs=rngs)
     else:
       self.word_predictor = self.visual_predictor = None
+
+  def untrained_params(self) -> Tuple[str, ...]:
+    """Regexes of parameter paths that get no gradient by design; the optimizer freezes them.
+
+    The release's sentence-to-video predictor (`visual_predictor`) only chooses which visual
+    tokens TPM-CL zeroes, by a stop-gradient selection, so its gradient is exactly zero unless
+    `train_t2v_predictor` is on. Decoupled weight decay would still shrink it every step (~7%
+    over an MSR-VTT run); `optimizer.build(..., frozen=...)` keeps it bit-identical instead.
+    """
+    if self.config.partial_type and not self.config.train_t2v_predictor:
+      return (r"^visual_predictor/",)
+    return ()
 
   @classmethod
   def from_pretrained(cls, config: RetrievalConfig, clip_dir: str,
@@ -175,15 +195,30 @@ class RetrievalModel(nnx.Module):
     words = dmae.l2_normalize(words.astype(jnp.float32))
     return sent, words, mask
 
-  def frame_tokens(self, frames: jax.Array) -> jax.Array:
-    """frames [B, F, H, W, 3] (uint8, or float already CLIP-normalised) -> normalised [B, F, D]."""
+  def frame_tokens(self, frames: jax.Array, frame_mask: jax.Array) -> jax.Array:
+    """Per-frame CLIP features, L2-normalised.
+
+    Args:
+      frames: [B, F, H, W, 3], uint8 (normalised here) or float already CLIP-normalised.
+      frame_mask: [B, F], 0 = padded frame. Padded frames become exactly 0 after normalisation,
+        as CLIP4Clip pads (batches pad with black uint8 frames, which normalise to -mean/std).
+        Their tokens are masked out of S but reach the TPM-CL predictors, so their pixels must
+        not matter.
+
+    Returns:
+      [B, F, D] float32.
+    """
     if frames.ndim != 5:
       raise ValueError(f"frames must be [B, F, H, W, 3], got {frames.shape}")
     if frames.shape[1] != self.config.max_frames:
       raise ValueError(f"frames must have max_frames={self.config.max_frames} frames, got "
                        f"{frames.shape[1]}")
+    if frame_mask.shape != frames.shape[:2]:
+      raise ValueError(f"frame_mask must be [B, F] = {frames.shape[:2]}, got {frame_mask.shape}")
     if frames.dtype == jnp.uint8:
       frames = normalize_frames(frames)
+    real = (frame_mask != 0)[:, :, None, None, None]
+    frames = jnp.where(real, frames, jnp.zeros((), frames.dtype))
     b, f = frames.shape[:2]
     feats = self.clip.encode_image(frames.reshape(b * f, *frames.shape[2:]))
     return dmae.l2_normalize(feats.astype(jnp.float32).reshape(b, f, -1))
@@ -192,10 +227,12 @@ class RetrievalModel(nnx.Module):
     """frames [B, F, H, W, 3], frame_mask [B, F] -> (visual tokens [B, F, D] float32, mask).
 
     The tokens are what `similarity` and the chunked scorer consume: normalised per frame, then
-    passed through the temporal header.
+    passed through the temporal header. Padded frames (mask 0) enter the image tower as all-zero
+    normalised frames (`frame_tokens`).
     """
-    tokens = self.frame_tokens(frames)
-    return self.header(tokens, frame_mask).astype(jnp.float32), frame_mask
+    tokens = self.frame_tokens(frames, frame_mask)
+    with dmae.head_precision_scope(self.config.head_precision):
+      return self.header(tokens, frame_mask).astype(jnp.float32), frame_mask
 
   # --------------------------------------------------------------------------------------------
   # Similarity and loss
@@ -208,11 +245,12 @@ class RetrievalModel(nnx.Module):
     """DMAE similarity S [Bt, Bv] from `encode_text` and `encode_video` outputs."""
     sent, words, tmask = text_feats
     tokens, vmask = video_feats
-    word_w = frame_w = None
-    if self.token_weights is not None:
-      word_w, frame_w = self.token_weights(words, tmask, tokens, vmask)
-    return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
-                                frame_weights=frame_w, **self.similarity_kwargs())
+    with dmae.head_precision_scope(self.config.head_precision):
+      word_w = frame_w = None
+      if self.token_weights is not None:
+        word_w, frame_w = self.token_weights(words, tmask, tokens, vmask)
+      return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
+                                  frame_weights=frame_w, **self.similarity_kwargs())
 
   def loss(self, batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Training loss on a batch of matched (text, video) pairs.
@@ -225,10 +263,28 @@ class RetrievalModel(nnx.Module):
       (total, terms): total = contrastive + tpm_weight * tpm; terms holds `negnce` or `infonce`,
       `tpm` and its parts `tpm/T1`, `tpm/T2`, `tpm/T3` (those the partial type uses).
     """
-    cfg = self.config
     text = self.encode_text(batch["text_ids"], batch.get("keyword_mask"))
     frame_mask = batch["frame_mask"]
-    pre_header = self.frame_tokens(batch["frames"])
+    pre_header = self.frame_tokens(batch["frames"], frame_mask)
+    return self.head_loss(text, pre_header, frame_mask)
+
+  def head_loss(self, text_feats: TextFeatures, frame_tokens: jax.Array, frame_mask: jax.Array
+                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """`loss` from encoded features: header, S, contrastive loss and TPM-CL, at head_precision.
+
+    Args:
+      text_feats: `encode_text` output (sentence [B, D], words [B, L, D], mask [B, L]).
+      frame_tokens: `frame_tokens` output [B, F, D] (before the temporal header).
+      frame_mask: [B, F].
+
+    Returns:
+      As `loss`.
+    """
+    with dmae.head_precision_scope(self.config.head_precision):
+      return self._head_loss(text_feats, frame_tokens, frame_mask)
+
+  def _head_loss(self, text, pre_header, frame_mask):
+    cfg = self.config
     tokens = self.header(pre_header, frame_mask).astype(jnp.float32)
     sim = self.similarity(text, (tokens, frame_mask))
     if cfg.contrastive_loss == "negnce":

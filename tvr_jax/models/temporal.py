@@ -4,7 +4,10 @@
 CLIP4Clip's mean pooling). `seqTransf` (CLIP4Clip): add learned frame position embeddings, run 4
 residual attention blocks with padded frames masked as keys, add the input back. Its parameters are
 initialised from CLIP's text tower: position embeddings from `positional_embedding`, blocks from
-text blocks 0-3 (`init_from_clip`). The release applies the header to L2-normalised tokens and does
+text blocks 0-3 (`init_from_clip`). The blocks use the CLIP's MLP activation (QuickGELU for OpenAI
+weights, GELU for a CLIP converted with `--activation gelu`), since they start as copies of its text
+blocks; their own LayerNorms use the release's epsilon 1e-12 (BERT style), not CLIP's 1e-5. The
+release applies the header to L2-normalised tokens and does
 not normalise its output; CLIP4Clip's re-normalisation is the `renormalize` flag (default off).
 """
 
@@ -18,6 +21,8 @@ from tvr_jax.models.clip import CLIP, ResidualAttentionBlock
 from tvr_jax.models.dmae import l2_normalize
 
 HEADERS = ("meanP", "seqTransf")
+# The release's seqTransf LayerNorms are BERT-style, eps 1e-12 (the CLIP towers keep 1e-5).
+HEADER_LN_EPS = 1e-12
 
 
 class TemporalHeader(nnx.Module):
@@ -25,7 +30,7 @@ class TemporalHeader(nnx.Module):
 
   def __init__(self, kind: str, dim: int, *, heads: int = 8, layers: int = 4,
                max_positions: int = 77, renormalize: bool = False, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               activation: str = "quick_gelu", rngs: nnx.Rngs):
     """Builds the header.
 
     Args:
@@ -35,6 +40,8 @@ class TemporalHeader(nnx.Module):
       max_positions: rows of the frame position table (CLIP's context length, 77).
       renormalize: L2-normalise the header output (CLIP4Clip); off = release behaviour.
       dtype: compute dtype of the blocks.
+      activation: MLP activation of the blocks; pass the CLIP's (`CLIPConfig.activation`), whose
+        text blocks the header copies (`init_from_clip` checks they agree).
       rngs: random streams for a from-scratch initialisation.
     """
     if kind not in HEADERS:
@@ -44,8 +51,9 @@ class TemporalHeader(nnx.Module):
     if kind == "seqTransf":
       self.frame_position_embeddings = nnx.Param(
           0.01 * jax.random.normal(rngs.params(), (max_positions, dim)))
-      self.resblocks = nnx.List([ResidualAttentionBlock(dim, heads, layers, dtype=dtype, rngs=rngs)
-                                 for _ in range(layers)])
+      self.resblocks = nnx.List([
+          ResidualAttentionBlock(dim, heads, layers, dtype=dtype, activation=activation,
+                                 ln_eps=HEADER_LN_EPS, rngs=rngs) for _ in range(layers)])
 
   def init_from_clip(self, clip: CLIP) -> None:
     """Copies CLIP's text `positional_embedding` and text blocks 0..layers-1 into seqTransf.
@@ -59,6 +67,10 @@ class TemporalHeader(nnx.Module):
       raise ValueError(f"seqTransf with {self.max_positions} positions x width {self.dim} cannot "
                        f"take CLIP's text positional_embedding of shape {pos.shape} (the header "
                        "width must equal CLIP's text width)")
+    if clip.config.activation != self.resblocks[0].mlp.activation:
+      raise ValueError(f"seqTransf blocks use {self.resblocks[0].mlp.activation!r} but the CLIP "
+                       f"whose text blocks they copy uses {clip.config.activation!r}; build the "
+                       "header with activation=clip.config.activation")
     if len(clip.transformer.resblocks) < len(self.resblocks):
       raise ValueError(f"CLIP text tower has {len(clip.transformer.resblocks)} blocks, seqTransf "
                        f"needs {len(self.resblocks)}")
