@@ -283,9 +283,12 @@ def retrieval_metrics_from_rows(rows: np.ndarray, sim_rows: np.ndarray, caption_
     groups[sorted_t[starts]] = np.maximum.reduceat(sim_rows[order], starts, axis=0)
   group_sim = np.maximum.reduce(gather(groups), axis=0).T   # [Nv queries, Nv groups]
 
+  # Ranks in caption order, so that every float reduction of the metrics sums in one order.
+  caption_order = np.argsort(gather_rows(rows, -1), kind="stable")
+
   def t2v_ranks(scores):
     local = metrics_lib.retrieval_ranks(scores, targets) if len(rows) else np.zeros(0, np.int64)
-    return gather_rows(local, -1)
+    return gather_rows(local, -1)[caption_order]
 
   t2v = metrics_lib.rank_metrics(t2v_ranks(sim_rows), lower_median=lower_median)
   v2t = metrics_lib.rank_metrics(metrics_lib.retrieval_ranks(group_sim))
