@@ -312,10 +312,14 @@ def retrieval_metrics_from_rows(rows: np.ndarray, sim_rows: np.ndarray, caption_
 
 def _allgather(x: np.ndarray) -> np.ndarray:
   """[processes, ...]: `x` of every JAX process (one process: x[None])."""
+  x = np.ascontiguousarray(x)
   if jax.process_count() == 1:
-    return np.asarray(x)[None]
+    return x[None]
   from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+  if x.dtype.itemsize == 8:   # JAX without x64 would narrow int64 / float64: gather the bytes
+    words = np.asarray(multihost_utils.process_allgather(x.reshape(x.shape + (1,)).view(np.int32)))
+    return words.view(x.dtype).reshape((words.shape[0],) + x.shape)
+  return np.asarray(multihost_utils.process_allgather(x))
 
 
 def _host(x) -> np.ndarray:
