@@ -265,8 +265,8 @@ _SHARDED_CHECK = """
 
 
 def test_sharded_scoring_on_8_devices_equals_one_device():
-  out = json.loads(run_with_devices(_SHARDED_CHECK, 8,
-                                    env={"PYTHONPATH": REPO_ROOT + os.pathsep + os.path.dirname(__file__)}).strip()
+  path = REPO_ROOT + os.pathsep + os.path.dirname(__file__)
+  out = json.loads(run_with_devices(_SHARDED_CHECK, 8, env={"PYTHONPATH": path}).strip()
                    .splitlines()[-1])
   for weighted in ("False", "True"):
     one, eight = out[f"1/{weighted}"], out[f"8/{weighted}"]

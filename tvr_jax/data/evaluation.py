@@ -4,7 +4,7 @@
                     sharding=batch_sharding(mesh), worker_count=8)
     for b in data.video_batches():    # frames uint8 [B, F, R, R, 3], frame_mask int32 [B, F],
       ...                             # video_index int32 [B], valid bool [B]
-    for b in data.caption_batches():  # text_ids int32 [B, L], caption_index int32 [B],
+    for b in data.caption_batches():  # text_ids int32 [B, L'] (L' = bucket), caption_index [B],
       ...                             # video_index int32 [B] (the caption's video), valid bool [B]
     data.caption_to_video             # int32 [num_captions]: ground-truth video of each caption
 
