@@ -87,7 +87,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every = -1              # steps; -1 = once per epoch and at the end; 0 = only at the end
   c.eval_batch_size = 128        # videos or captions per encoding batch
   c.eval_max_examples = -1       # > 0: evaluate on the first N videos only (smoke runs)
-  c.score_budget_mb = 1024       # memory budget of one block of the chunked DMAE scorer
+  c.score_budget_mb = 1024       # memory budget of one block of the chunked DMAE scorer (per device)
+  # Caption batches are sorted by length and cut to the smallest of these column counts that
+  # holds their longest caption (max_words is always the last); () = every batch at max_words.
+  c.eval_length_buckets = (8, 16, 24)
+  c.eval_lower_median = False    # multi-caption t2v MdR: lower middle value (CLIP4Clip, torch.median)
   c.dsl = True                   # also report dual-softmax (DSL) rows, labelled separately
   c.eval_checkpoint = ""         # mode=eval: checkpoint step dir (default: latest in workdir)
   c.lock()                       # new keys are errors; values stay editable

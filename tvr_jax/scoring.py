@@ -253,3 +253,120 @@ def score_model(model, text_feats, video_feats, *, budget_bytes: int = DEFAULT_B
                textual_attention=cfg.textual_attention, visual_attention=cfg.visual_attention,
                word_weights=word_w, frame_weights=frame_w, show_progress=show_progress,
                precision=precision)
+
+
+class ShardedScorer(ChunkedScorer):
+  """`ChunkedScorer` over every device of a mesh and every host: N devices score N blocks at once.
+
+  Text rows are the sharded axis. A global block of `text_chunk x devices` rows is split over a
+  flat view of the mesh's devices (videos replicated); each device scores `text_chunk` rows
+  against every video block, and each process reads back only its own devices' rows of S. So no
+  host ever holds the full [Nt, Nv] matrix; metrics reduce per-process rows
+  (`tvr_jax.evaluate.retrieval_metrics_from_rows`). Every process passes the same host features
+  (evaluation gathers them to every host); only its own devices' rows are transferred.
+
+  Usage:
+    scorer = ShardedScorer(mesh, budget_bytes=1 << 30)
+    rows, sim_rows = scorer.local_rows(text_feats, video_feats)  # int64 [n], float32 [n, Nv]
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh, budget_bytes: int = DEFAULT_BUDGET_BYTES, *,
+               textual_attention: bool = True, visual_attention: bool = True,
+               show_progress: bool = True, precision: str = "highest"):
+    super().__init__(budget_bytes, textual_attention=textual_attention,
+                     visual_attention=visual_attention, show_progress=show_progress,
+                     precision=precision)
+    self.mesh = jax.sharding.Mesh(np.asarray(mesh.devices).reshape(-1), ("rows",))
+    self.num_devices = self.mesh.devices.size
+    self._sharded: Dict[Any, Any] = {}
+
+  def _sharded_fn(self, weighted: bool):
+    """The block function under shard_map: text rows split over devices, videos replicated."""
+    if weighted not in self._sharded:
+      from jax.sharding import PartitionSpec as P
+      rows, rep = P("rows"), P()
+      specs = (rows, rows, rows, rep, rep) + ((rows, rep) if weighted else ())
+      kwargs, precision = self.kwargs, self.precision
+
+      def fn(*args):
+        if not weighted:
+          args = args + (None, None)
+        return _block_fn(*args, kwargs=kwargs, precision=precision)
+      self._sharded[weighted] = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=specs,
+                                                      out_specs=rows))
+    return self._sharded[weighted]
+
+  def _put(self, x: np.ndarray, spec) -> jax.Array:
+    """A global array from the host copy every process holds; each process fills its devices."""
+    sharding = jax.sharding.NamedSharding(self.mesh, spec)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  def local_rows(self, text_feats, video_feats, word_weights: Optional[np.ndarray] = None,
+                 frame_weights: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """This process's rows of S: (global text indices int64 [n], S rows float32 [n, Nv]).
+
+    Args: as `ChunkedScorer.__call__`. Together the processes return every row exactly once.
+    """
+    from jax.sharding import PartitionSpec as P
+    sent, words, tmask = (np.asarray(x) for x in text_feats)
+    tokens, vmask = (np.asarray(x) for x in video_feats)
+    if (word_weights is None) != (frame_weights is None):
+      raise ValueError("give both word_weights and frame_weights, or neither")
+    nt, nv = sent.shape[0], tokens.shape[0]
+    if words.shape[0] != nt or tmask.shape != words.shape[:2] or vmask.shape != tokens.shape[:2]:
+      raise ValueError(f"inconsistent feature shapes: sentence {sent.shape}, words {words.shape}, "
+                       f"text mask {tmask.shape}, tokens {tokens.shape}, video mask {vmask.shape}")
+    if nt == 0 or nv == 0:
+      return np.zeros((0,), np.int64), np.zeros((0, nv), np.float32)
+    weighted = word_weights is not None
+    n_dev = self.num_devices
+    # Per-device block sizes from the single-device plan; the global text block is n_dev times it.
+    plan, _ = self.plan_for(-(-nt // n_dev), nv, words.shape, tokens.shape, weighted)
+    self.plan = plan
+    ct, cv = plan.text_chunk, plan.video_chunk
+    gt = ct * n_dev
+    fn = self._sharded_fn(weighted)
+    rows, rep = P("rows"), P()
+
+    def pad(x, start, n, dtype):
+      x = np.asarray(x[start:start + n], dtype)
+      out = np.zeros((n,) + x.shape[1:], dtype)
+      out[:x.shape[0]] = x
+      return out
+
+    video_blocks = []
+    for j in range(0, nv, cv):
+      blk = [self._put(pad(tokens, j, cv, np.float32), rep),
+             self._put(pad(vmask, j, cv, np.int32), rep)]
+      if weighted:
+        blk.append(self._put(pad(frame_weights, j, cv, np.float32), rep))
+      video_blocks.append(blk)
+    index_parts, sim_parts = [], []
+    for i in tqdm.tqdm(range(0, nt, gt), desc="scoring", unit="block",
+                       disable=not self.show_progress):
+      t_blk = [self._put(pad(sent, i, gt, np.float32), rows),
+               self._put(pad(words, i, gt, np.float32), rows),
+               self._put(pad(tmask, i, gt, np.int32), rows)]
+      ww_blk = [self._put(pad(word_weights, i, gt, np.float32), rows)] if weighted else []
+      outs = []
+      for blk in video_blocks:
+        vid = blk[:2]
+        args = t_blk + vid + (ww_blk + blk[2:] if weighted else [])
+        outs.append(fn(*args))
+      # This process's devices' rows of the global block, across all video blocks.
+      by_device = [{sh.device: sh for sh in o.addressable_shards} for o in outs]
+      for device in by_device[0]:
+        shard_group = [shards[device] for shards in by_device]
+        start = shard_group[0].index[0].start or 0
+        g_rows = np.arange(i + start, i + start + ct)
+        keep = g_rows < nt
+        if not keep.any():
+          continue
+        s = np.concatenate([np.asarray(sh.data) for sh in shard_group], axis=1)[:, :nv]
+        index_parts.append(g_rows[keep])
+        sim_parts.append(s[keep])
+    if not index_parts:
+      return np.zeros((0,), np.int64), np.zeros((0, nv), np.float32)
+    index = np.concatenate(index_parts).astype(np.int64)
+    order = np.argsort(index, kind="stable")
+    return index[order], np.concatenate(sim_parts)[order]
