@@ -659,7 +659,8 @@ class TrainCheckpointManager:
     """Restores checkpoint `step` onto the shardings of `abstract_state` (ShapeDtypeStructs).
 
     After the read, every leaf is checked against the checksums recorded at save time and for
-    finiteness (one jitted call). Returns `(state, data_state of this process, saved meta)`.
+    finiteness (one jitted call). Returns `(state, data_state of this process, saved meta)`, the
+    meta without its checksums.
 
     Raises:
       CheckpointMismatchError: another model, or `meta` differs outside `allow_changes`.
@@ -683,6 +684,7 @@ class TrainCheckpointManager:
       raise CheckpointMismatchError(
           f"checkpoint {self.step_dir(step)} holds input state for {len(processes)} processes, "
           f"this run has {jax.process_count()}; resume with the same number of processes")
+    saved_meta.pop(INTEGRITY_KEY, None)   # the checksums are this module's business
     return out["state"], _decode_data_state(processes[jax.process_index()]), saved_meta
 
   def restore_latest(self, abstract_state: PyTree, meta: Mapping[str, Any] | None = None, *,
