@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -351,7 +350,7 @@ def _params(step_dir):
           checkpointing.flatten_params(checkpointing.restore_train_params(step_dir)).items()}
 
 
-def test_bitflipped_latest_step_resumes_from_the_intact_one(finished_run, small_synthetic_data,
+def test_bitflipped_latest_step_resumes_from_the_intact_one(finished_run, small_synthetic_data,  # noqa: F811
                                                             tmp_path, caplog):
   run = _copy(finished_run, tmp_path)
   ckpt = os.path.join(run, "checkpoints")
@@ -370,7 +369,7 @@ def test_bitflipped_latest_step_resumes_from_the_intact_one(finished_run, small_
     np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
-def test_truncated_latest_step_is_skipped_when_evaluating(finished_run, small_synthetic_data,
+def test_truncated_latest_step_is_skipped_when_evaluating(finished_run, small_synthetic_data,  # noqa: F811
                                                            tmp_path, caplog):
   run = _copy(finished_run, tmp_path)
   truncate(os.path.join(run, "checkpoints", "8"))
@@ -383,7 +382,7 @@ def test_truncated_latest_step_is_skipped_when_evaluating(finished_run, small_sy
   assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["4", "8"]   # eval only reads
 
 
-def test_every_step_damaged_stops_without_touching_them(finished_run, small_synthetic_data,
+def test_every_step_damaged_stops_without_touching_them(finished_run, small_synthetic_data,  # noqa: F811
                                                         tmp_path):
   run = _copy(finished_run, tmp_path)
   flip_bytes(os.path.join(run, "checkpoints", "8"))
@@ -405,7 +404,7 @@ OBJECTIVE_CHANGES = [
 
 
 @pytest.mark.parametrize("key,value", OBJECTIVE_CHANGES, ids=[k for k, _ in OBJECTIVE_CHANGES])
-def test_changed_objective_is_refused_before_anything_is_written(finished_run, small_synthetic_data,
+def test_changed_objective_is_refused_before_anything_is_written(finished_run, small_synthetic_data,  # noqa: F811
                                                                  tmp_path, key, value):
   run = _copy(finished_run, tmp_path)
   before = snapshot(run)
@@ -416,7 +415,7 @@ def test_changed_objective_is_refused_before_anything_is_written(finished_run, s
   assert snapshot(run) == before   # no log line, no config_train.json, no TensorBoard file
 
 
-def test_every_difference_is_listed_and_allowing_them_resumes(finished_run, small_synthetic_data,
+def test_every_difference_is_listed_and_allowing_them_resumes(finished_run, small_synthetic_data,  # noqa: F811
                                                               tmp_path, caplog):
   run = _copy(finished_run, tmp_path)
   changes = {"model.contrastive_loss": "infonce", "optimizer.weight_decay": 0.9,
@@ -435,7 +434,7 @@ def test_every_difference_is_listed_and_allowing_them_resumes(finished_run, smal
 
 
 @pytest.mark.parametrize("key", ["model.textual_attention", "model.visual_attention"])
-def test_evaluating_with_other_switches_is_an_error(finished_run, small_synthetic_data, tmp_path,
+def test_evaluating_with_other_switches_is_an_error(finished_run, small_synthetic_data, tmp_path,  # noqa: F811
                                                     key):
   run = _copy(finished_run, tmp_path)
   before = snapshot(run)
