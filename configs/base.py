@@ -94,6 +94,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_lower_median = False    # multi-caption t2v MdR: lower middle value (CLIP4Clip, torch.median)
   c.dsl = True                   # also report dual-softmax (DSL) rows, labelled separately
   c.eval_checkpoint = ""         # mode=eval: checkpoint step dir (default: latest in workdir)
+  # Comma-separated recorded keys a resume (or mode=eval) may change from the checkpoint's values,
+  # e.g. "num_train_steps,optimizer.weight_decay". Checkpoints record every key that defines the
+  # objective (all but tvr_jax/train.py RESUME_FREE_KEYS); see docs/training.md.
+  c.resume_allow_changes = ""
   c.lock()                       # new keys are errors; values stay editable
   return c
 

@@ -55,7 +55,7 @@ def test_other_model_size_and_meta_are_clear_errors(tmp_path):
   before = sorted(os.listdir(tmp_path / "3" / "state"))
   with pytest.raises(checkpointing.CheckpointError, match=r"different model size: params/dense/bias has shape \(8,\)"):
     mgr.restore(3, _abstract(_state(width=16)))
-  with pytest.raises(checkpointing.CheckpointError, match="written with clip='tiny', this run has clip='ViT-B/32'"):
+  with pytest.raises(checkpointing.CheckpointError, match="other settings .*\n  clip: 'tiny' -> 'ViT-B/32'"):
     mgr.restore(3, _abstract(_state()), {"clip": "ViT-B/32"})
   assert sorted(os.listdir(tmp_path / "3" / "state")) == before
   mgr.close()

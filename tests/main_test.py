@@ -113,7 +113,8 @@ def test_checkpoint_of_other_model_or_corrupt_is_clear_error(small_synthetic_dat
     if p.name != "_METADATA":
       shutil.rmtree(p) if p.is_dir() else p.unlink()
   with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints/1 .*(corrupt|unreadable)"):
-    train.train_and_evaluate(smoke_config(small_synthetic_data, num_train_steps=2), workdir)
+    train.train_and_evaluate(smoke_config(small_synthetic_data, num_train_steps=2,
+                                          resume_allow_changes="num_train_steps"), workdir)
   assert not (tmp_path / "checkpoints" / "2").exists()
 
 

@@ -76,6 +76,7 @@ def main(argv):
   maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value, _LOCAL_DEVICES.value)
   import jax
+  from tvr_jax import checkpointing
   from tvr_jax import train
   from tvr_jax.data import datasets
 
@@ -88,6 +89,11 @@ def main(argv):
     # Raised before any device work or file write: the message is the whole story.
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
+  except checkpointing.CheckpointError as e:
+    # A refused or damaged checkpoint, a failed write (full disk), a non-finite state: the message
+    # names the directory and what to do (tracebacks are in WORKDIR/log.txt).
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(1)
 
 
 def _unknown_key_message(error: Exception, argv: list[str]) -> str:

@@ -363,6 +363,119 @@ def _metric_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
 
 
 # ==================================================================================================
+# Resume rules: what a checkpoint records, and which changes a resume may make.
+# ==================================================================================================
+# Config keys that say how a run executes, logs, evaluates, or where it finds its files: free to
+# change when resuming. EVERY OTHER key defines the objective (model.*, optimizer.*, batch_size,
+# seed, dataset / split / caption mode, max_words / num_frames / image_size, num_epochs /
+# num_train_steps, accum_steps, ...): it is recorded in each checkpoint's meta, and a resume that
+# changes it is refused unless `config.resume_allow_changes` names it. A new key is an objective
+# key until it is added here.
+RESUME_FREE_KEYS = frozenset({
+    "mode", "eval_checkpoint", "resume_allow_changes",
+    "data_dir", "build_if_missing", "num_workers", "cache_frames",
+    "eval_split", "eval_caption_mode", "eval_every", "eval_batch_size", "eval_max_examples",
+    "score_budget_mb", "dsl",
+    "init_from", "clip_preset",   # the CLIP sizes they imply are recorded as clip.*
+    "dtype", "remat", "attention_impl",   # how to compute, not what (build_lib.COMPUTE_FIELDS)
+    "sharding_rules", "min_fsdp_size", "nan_policy",
+    "log_every", "progress_bar", "checkpoint_every", "keep_checkpoints", "best_metric",
+    "async_checkpoints",
+})
+RESUME_FREE_PREFIXES = ("mesh.",)
+
+_RESUME_HINT = ("resume with the saved values, use a fresh --workdir, or accept the change(s) with "
+                "--config.resume_allow_changes={keys} (see docs/training.md, 'Integrity and "
+                "resume rules')")
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"optimizer.b2": 0.98, ...}: every leaf key of the config, values as JSON sees them."""
+  out: dict[str, Any] = {}
+
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, Mapping):
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = json.loads(json.dumps(v))
+  walk(config.to_dict(), "")
+  return out
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What each checkpoint records: the model meta plus every objective-defining config key.
+
+  Flat and JSON-able (`{"model.tau": 0.6, "optimizer.b2": 0.98, "clip.vision_width": 64, ...}`);
+  known before any model is built, so a mismatching checkpoint is refused before anything is
+  written.
+  """
+  meta = build_lib.model_meta(config)
+  for key, value in _flat_config(config).items():
+    if key not in RESUME_FREE_KEYS and not key.startswith(RESUME_FREE_PREFIXES):
+      meta.setdefault(key, value)
+  return meta
+
+
+def resume_checks(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict[str, Any],
+                                                                list[str]]:
+  """(meta to save, the part of it a checkpoint must match in this mode, allowed changes).
+
+  Training compares everything recorded; evaluation only what changes the similarities
+  (model meta without the loss-only fields). Raises ConfigError for a
+  `resume_allow_changes` entry that is not a recorded key.
+  """
+  meta = checkpoint_meta(config)
+  if config.mode == "eval":
+    compared = {k: meta[k] for k in build_lib.eval_meta_keys(build_lib.model_meta(config))}
+  else:
+    compared = meta
+  allowed = [k.strip() for k in str(config.resume_allow_changes).split(",") if k.strip()]
+  unknown = [k for k in allowed if k not in meta]
+  if unknown:
+    raise ConfigError(
+        f"config.resume_allow_changes names {unknown}, which checkpoints do not record (keys "
+        f"free to change need no allowing: {sorted(RESUME_FREE_KEYS)}, mesh.*); recorded keys "
+        f"are e.g. {sorted(meta)[:8]}")
+  return meta, compared, allowed
+
+
+def _checkpoint_location(config, workdir: str) -> tuple[str, int | None]:
+  """(checkpoint directory, the step mode=eval was told to use or None)."""
+  if config.mode == "eval" and config.eval_checkpoint:
+    ckpt_dir, name = os.path.split(os.path.normpath(os.path.abspath(config.eval_checkpoint)))
+    if not name.isdigit() or not os.path.isdir(config.eval_checkpoint):
+      raise FileNotFoundError(f"config.eval_checkpoint={config.eval_checkpoint!r} is not a checkpoint "
+                              "step directory (expected WORKDIR/checkpoints/<step>)")
+    return ckpt_dir, int(name)
+  return os.path.join(workdir, "checkpoints"), None
+
+
+def _check_checkpoint_settings(reader: checkpointing.TrainCheckpointManager, step: int | None,
+                               compared: Mapping[str, Any], allowed: list[str]) -> None:
+  """Refuses (CheckpointMismatchError) a checkpoint of other settings; reads only.
+
+  Checks `step`, or the newest step whose meta is readable (damaged ones are dealt with when
+  restoring). Warns about settings the checkpoint does not record (an older version wrote it).
+  """
+  for s in ([step] if step is not None else reversed(reader.all_steps())):
+    try:
+      saved = reader.read_meta(s)
+    except checkpointing.CheckpointDamagedError:
+      if step is not None:
+        raise
+      continue
+    reader.check_meta(s, compared, allow_changes=allowed, hint=_RESUME_HINT)
+    unrecorded = checkpointing.unrecorded_keys(saved, compared)
+    if unrecorded:
+      logging.warning("checkpoint %s does not record %d of this run's settings (%s%s): they are "
+                      "not checked (written by an older version)", reader.step_dir(s),
+                      len(unrecorded), ", ".join(unrecorded[:6]),
+                      ", ..." if len(unrecorded) > 6 else "")
+    return
+
+
+# ==================================================================================================
 # train_and_evaluate.
 # ==================================================================================================
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -371,11 +484,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate_config(config)
   workdir = os.path.abspath(workdir)
   datasets.check_inputs(config)
+  run_meta, compared_meta, allowed_changes = resume_checks(config)
 
   # ---- mesh ------------------------------------------------------------------------------------
   # One mesh for the whole run; the batch is split over ('data', 'fsdp'), parameters over 'fsdp'.
   mesh = sharding.make_mesh(config.mesh.to_dict())
   sharding.check_batch_size(config.batch_size, mesh)
+
+  # ---- checkpoint, first look (read-only) --------------------------------------------------------
+  # A checkpoint written with other settings (objective, model switches) is refused here, before
+  # the run writes anything into the workdir. Its integrity is checked when it is restored.
+  ckpt_dir, eval_step = _checkpoint_location(config, workdir)
+  reader = None
+  if os.path.isdir(ckpt_dir):
+    reader = checkpointing.TrainCheckpointManager(ckpt_dir, best_metric=config.best_metric,
+                                                  read_only=True)
+    try:
+      _check_checkpoint_settings(reader, eval_step, compared_meta, allowed_changes)
+    except BaseException:
+      reader.close()
+      raise
 
   # ---- logging ---------------------------------------------------------------------------------
   # Console: a header, the progress bar, metric lines, evaluation tables. Everything else goes to
@@ -401,29 +529,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- model and optimizer, created already sharded ---------------------------------------------
   state, setup = create_train_state(config, mesh, total_steps)
 
-  # ---- checkpoint: resume if the workdir has one -------------------------------------------------
-  # Evaluation opens checkpoints read-only: it may run beside the training that writes them.
-  ckpt_dir, restore_step = os.path.join(workdir, "checkpoints"), None
-  if config.mode == "eval" and config.eval_checkpoint:
-    ckpt_dir, name = os.path.split(os.path.normpath(os.path.abspath(config.eval_checkpoint)))
-    if not name.isdigit() or not os.path.isdir(config.eval_checkpoint):
-      raise FileNotFoundError(f"config.eval_checkpoint={config.eval_checkpoint!r} is not a checkpoint "
-                              "step directory (expected WORKDIR/checkpoints/<step>)")
-    restore_step = int(name)
-  if config.mode == "eval" and not os.path.isdir(ckpt_dir):
-    ckpt = None
-  else:
+  # ---- checkpoint: resume from the newest intact step -----------------------------------------
+  # Every restored leaf is checked against the checksums recorded at save time. A damaged step is
+  # skipped with a warning (naming it and why) for the next older one; a training run then sets it
+  # aside as `<step>.damaged` so that it can save that step again. Evaluation only reads.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = None
+  if reader is not None:
+    try:
+      if eval_step is not None:   # the step the user named: no fallback
+        restored_state, data_state, saved_meta = reader.restore(
+            eval_step, abstract, compared_meta, allow_changes=allowed_changes, hint=_RESUME_HINT)
+        restored = checkpointing.Restored(eval_step, restored_state, data_state, saved_meta, [], [])
+      else:
+        restored = reader.restore_latest(abstract, compared_meta, allow_changes=allowed_changes,
+                                         hint=_RESUME_HINT)
+    finally:
+      reader.close()
+  if restored is not None:
+    for key, saved, now in checkpointing.meta_differences(restored.meta, compared_meta):
+      logging.warning("resuming with a changed setting (config.resume_allow_changes): %s: %r -> %r",
+                      key, saved, now)
+    skipped = ""
+    if restored.skipped and config.mode == "train":
+      aside = [checkpointing.set_aside_damaged(os.path.join(ckpt_dir, str(s)), why)
+               for s, why in restored.skipped]
+      skipped = f" (damaged newer step(s) set aside: {', '.join(aside)})"
+    elif restored.skipped:
+      skipped = f" (damaged newer step(s) skipped: {', '.join(str(s) for s, _ in restored.skipped)})"
+    verb = "resuming from" if config.mode == "train" else "evaluating"
+    reporting.say(f"{verb} checkpoint {os.path.join(ckpt_dir, str(restored.step))}{skipped}")
+    state = restored.state
+    if train_data is not None and restored.data_state is not None:
+      train_data.set_state(restored.data_state)
+  ckpt = None
+  if config.mode == "train":
     ckpt = checkpointing.TrainCheckpointManager(
         ckpt_dir, keep=config.keep_checkpoints, best_metric=config.best_metric,
-        async_save=config.async_checkpoints, read_only=config.mode == "eval")
-    if restore_step is None:
-      restore_step = ckpt.latest_step()
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  if restore_step is not None:
-    reporting.say(f"resuming from checkpoint {ckpt.step_dir(restore_step)}")
-    state, data_state, _ = ckpt.restore(restore_step, abstract, setup.meta)
-    if train_data is not None and data_state is not None:
-      train_data.set_state(data_state)
+        async_save=config.async_checkpoints)
   _write_run_files(config, state, workdir)   # only once the checkpoint (if any) was accepted
 
   # ---- evaluators --------------------------------------------------------------------------------
@@ -488,7 +631,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if is_last or preempted or step % config.checkpoint_every == 0:
           _check_finite(state, config)   # never checkpoint a NaN state
           ckpt.save(step, state, data_state=train_data.get_state(), metrics=eval_metrics,
-                    meta=setup.meta)
+                    meta=run_meta)   # refuses non-finite leaves, records checksums
         if preempted:
           reporting.say(f"stopping at step {step} after SIGTERM; resume with the same command")
           break
@@ -496,9 +639,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Also on errors (NaN stop, KeyboardInterrupt): finish pending checkpoint writes, stop workers.
     if progress is not None:
       progress.close()
-    ckpt.close()
-    train_data.close()
-    if writer is not None:
-      writer.close()
+    try:
+      ckpt.close()   # raises CheckpointWriteError if the last async save failed (full disk)
+    finally:
+      train_data.close()
+      if writer is not None:
+        writer.close()
   return last_metrics
 

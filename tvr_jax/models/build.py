@@ -6,7 +6,8 @@ benchmarks build exactly the same thing:
     model = build_model(config)                       # CLIP weights from config.init_from
     model = build_model(config, load_weights=False)   # same structure, random weights (shapes)
 
-`model_meta(config, model)` is what a training checkpoint must agree on with the run restoring it.
+`model_meta(config)` is what a training checkpoint must agree on with the run restoring it (every
+RetrievalConfig field and the CLIP sizes, recorded in each checkpoint's meta).
 """
 
 from __future__ import annotations
@@ -67,11 +68,34 @@ def build_model(config: ml_collections.ConfigDict, *, load_weights: bool = True)
   return retrieval.RetrievalModel(retrieval_config(config), clip, rngs=nnx.Rngs(config.seed + 1))
 
 
-def model_meta(config: ml_collections.ConfigDict, model: nnx.Module) -> dict[str, Any]:
-  """What a checkpoint must agree on with this run (checked on restore, beyond shapes)."""
-  clip_cfg = getattr(getattr(model, "clip", None), "config", None)
-  sizes = {}
-  if clip_cfg is not None:
-    sizes = {k: v for k, v in clip_cfg.to_dict().items() if k not in COMPUTE_FIELDS}
-  return {"clip": json.dumps(sizes, sort_keys=True), "header": str(config.model.header),
-          "max_words": int(config.max_words), "num_frames": int(config.num_frames)}
+# RetrievalConfig fields that only shape the training loss: evaluating a checkpoint with other
+# values computes the same similarities, so only a resumed training run must match them.
+LOSS_ONLY_FIELDS = ("contrastive_loss", "partial_type", "tau", "delta", "tpm_weight",
+                    "train_t2v_predictor")
+# RetrievalConfig fields that the run config sets under another name.
+_FIELD_CONFIG_KEYS = {"max_words": "max_words", "max_frames": "num_frames"}
+
+
+def model_meta(config: ml_collections.ConfigDict, model: nnx.Module | None = None
+               ) -> dict[str, Any]:
+  """What a checkpoint must agree on with this run (checked on restore, beyond shapes).
+
+  Flat, JSON-able, keyed by the config key that sets each value: every RetrievalConfig field
+  (`model.header`, `model.textual_attention`, ..., `max_words`, `num_frames`) and the CLIP sizes
+  (`clip.vision_width`, ...; compute fields such as dtype excluded). The CLIP config is read from
+  `model` when given, else from `config` (`clip_config`: init_from's JSON or the preset), so the
+  meta is known before any model is built.
+  """
+  clip_cfg = getattr(getattr(model, "clip", None), "config", None) if model is not None else None
+  if clip_cfg is None:
+    clip_cfg = clip_config(config)
+  meta = {f"clip.{k}": v for k, v in sorted(clip_cfg.to_dict().items()) if k not in COMPUTE_FIELDS}
+  for field, value in retrieval_config(config).to_dict().items():
+    meta[_FIELD_CONFIG_KEYS.get(field, f"model.{field}")] = value
+  return meta
+
+
+def eval_meta_keys(meta: dict[str, Any]) -> list[str]:
+  """The keys of `model_meta` an evaluation must match (all but the loss-only fields)."""
+  loss_only = {f"model.{f}" for f in LOSS_ONLY_FIELDS}
+  return [k for k in meta if k not in loss_only]
