@@ -375,7 +375,7 @@ RESUME_FREE_KEYS = frozenset({
     "mode", "eval_checkpoint", "resume_allow_changes",
     "data_dir", "build_if_missing", "num_workers", "cache_frames",
     "eval_split", "eval_caption_mode", "eval_every", "eval_batch_size", "eval_max_examples",
-    "score_budget_mb", "dsl",
+    "score_budget_mb", "dsl", "eval_length_buckets", "eval_lower_median",
     "init_from", "clip_preset",   # the CLIP sizes they imply are recorded as clip.*
     "dtype", "remat", "attention_impl",   # how to compute, not what (build_lib.COMPUTE_FIELDS)
     "sharding_rules", "min_fsdp_size", "nan_policy",
