@@ -1,10 +1,10 @@
 r"""Evaluation cost of an MSVD-sized test set: encoding (both towers) + chunked DMAE scoring.
 
-  python benchmarks/evaluate.py --quick     # CPU, < 5 min: encodes 8 videos and 256 captions,
+  python -m benchmarks.evaluate --quick     # CPU, < 5 min: encodes 8 videos and 256 captions,
                                             #   scores 3,000 captions x 670 videos; extrapolates
-  python benchmarks/evaluate.py --tiny      # smoke test (tiny CLIP), seconds
-  python benchmarks/evaluate.py             # GPU: all 670 videos x 12 frames and 27,763 captions
-  python benchmarks/evaluate.py --dtype bfloat16 --attention_impl cudnn
+  python -m benchmarks.evaluate --tiny      # smoke test (tiny CLIP), seconds
+  python -m benchmarks.evaluate             # GPU: all 670 videos x 12 frames and 27,763 captions
+  python -m benchmarks.evaluate --dtype bfloat16 --attention_impl cudnn
 
 Encoding runs `RetrievalModel.encode_video` / `encode_text` (random ViT-B/32 weights, jitted, fixed
 batch) over the set; scoring runs `tvr_jax.scoring.ChunkedScorer` (DMAE, both attentions, float32)
@@ -18,22 +18,18 @@ accelerator, the device's peak_bytes_in_use.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from benchmarks import scoring as scoring_bench  # noqa: E402
-from benchmarks import train_step  # noqa: E402
-from tvr_jax import scoring  # noqa: E402
-from tvr_jax.models import build as build_lib  # noqa: E402
-from tvr_jax.models import clip as clip_lib  # noqa: E402
+from benchmarks import common
+from benchmarks import scoring as scoring_bench
+from benchmarks import train_step
+from tvr_jax import scoring
+from tvr_jax.models import build as build_lib
+from tvr_jax.models import clip as clip_lib
 
 MIB = 1 << 20
 MSVD_VIDEOS, MSVD_CAPTIONS = 670, 27763
