@@ -1,7 +1,7 @@
 r"""CPU diagnostic: ViT-B/32 tower and one raw block, forward vs forward + backward, JAX vs torch.
 
-  python benchmarks/cpu_backward_probe.py                    # JAX and PyTorch, ~3 min on 2 cores
-  XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/cpu_backward_probe.py --only jax
+  python -m benchmarks.cpu_backward_probe                    # JAX and PyTorch, ~3 min on 2 cores
+  XLA_FLAGS=--xla_cpu_use_onednn=true python -m benchmarks.cpu_backward_probe --only jax
 
 Times (median of --repeats after one warm-up, float32, threads = cores) the ViT-B/32 vision tower
 on N images (48 = 4 clips x 12 frames, the quick train step's load), forward only and forward +
@@ -21,9 +21,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 W, T, HEADS = 768, 50, 12
 
@@ -113,9 +111,10 @@ def main(argv=None):
   jax_rows = probe_jax(args.images, args.repeats)
   torch_rows = {}
   if args.only is None:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", "torch", "--images",
-                          str(args.images), "--repeats", str(args.repeats)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_backward_probe", "--only", "torch",
+                          "--images", str(args.images), "--repeats", str(args.repeats)],
+                         capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     torch_rows = {l.split("\t")[1]: float(l.split("\t")[2]) for l in out.stdout.splitlines()
                   if l.startswith("torch\t")}
   rows = [[name, f"{s:.3f}", f"{torch_rows[name]:.3f}" if name in torch_rows else "-",

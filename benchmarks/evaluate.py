@@ -1,12 +1,12 @@
 r"""Evaluation cost of an MSVD-sized test set: encoding (both towers) + sharded DMAE scoring.
 
-  python benchmarks/evaluate.py --quick     # CPU, a few minutes: encodes 8 videos and 4 caption
+  python -m benchmarks.evaluate --quick     # CPU, a few minutes: encodes 8 videos and 4 caption
                                             #   batches per length bucket, scores 2,000 captions
                                             #   x 670 videos on 1 and 2 simulated devices;
                                             #   extrapolates to the full set
-  python benchmarks/evaluate.py --tiny      # smoke test (tiny CLIP), seconds
-  python benchmarks/evaluate.py             # GPU: all 670 videos x 12 frames and 27,763 captions
-  python benchmarks/evaluate.py --dtype bfloat16 --attention_impl cudnn
+  python -m benchmarks.evaluate --tiny      # smoke test (tiny CLIP), seconds
+  python -m benchmarks.evaluate             # GPU: all 670 videos x 12 frames and 27,763 captions
+  python -m benchmarks.evaluate --dtype bfloat16 --attention_impl cudnn
 
 Encoding runs `RetrievalModel.encode_video` and the evaluator's caption encoder
 (`tvr_jax.evaluate.encode_text_bucket`; random ViT-B/32 weights, jitted, fixed batch) once at full
@@ -33,8 +33,6 @@ if "--quick" in sys.argv or "--tiny" in sys.argv:   # before JAX starts: 2 simul
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,7 +1,7 @@
 r"""Frame-extraction throughput (decode at 1 fps, resize + crop to 224, JPEG) on generated videos.
 
-    python benchmarks/extraction.py            # 4 videos, 640x360, 30 fps, 30 s each
-    python benchmarks/extraction.py --quick    # 2 videos, 480x270, 25 fps, 10 s each
+    python -m benchmarks.extraction            # 4 videos, 640x360, 30 fps, 30 s each
+    python -m benchmarks.extraction --quick    # 2 videos, 480x270, 25 fps, 10 s each
 
 Prints, for 1 and N worker processes (N = --workers, default: the CPU count; spawned processes,
 each decoding single-threaded, while 1 worker decodes in this process with FFmpeg's own threads): source frames decoded per second (every frame is decoded to
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import av
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_prep import frames  # pylint: disable=wrong-import-position
+from data_prep import frames
 
 
 def write_video(path: str, seconds: float, rate: int, width: int, height: int, seed: int) -> int:

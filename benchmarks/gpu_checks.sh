@@ -18,18 +18,18 @@ run() {  # run NAME SECONDS CMD...
   echo "== $name: $*" | tee "$OUT/$name.log"
   timeout "$secs" "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -E "^summary|^\[|Error" || true
 }
-run train_b16 220 $PY benchmarks/train_step.py --clips ViT-B/16 --heads dmae,meanP \
+run train_b16 220 $PY -m benchmarks.train_step --clips ViT-B/16 --heads dmae,meanP \
   --dtypes bfloat16 --remats false --attention_impl cudnn --batch_size 128 --repeats 10 --max_batch
-run train_b16_remat 60 $PY benchmarks/train_step.py --clips ViT-B/16 --heads dmae \
+run train_b16_remat 60 $PY -m benchmarks.train_step --clips ViT-B/16 --heads dmae \
   --dtypes bfloat16 --remats true --attention_impl cudnn --batch_size 128 --repeats 5
-run train_b32 90 $PY benchmarks/train_step.py --clips ViT-B/32 --heads dmae,meanP \
+run train_b32 90 $PY -m benchmarks.train_step --clips ViT-B/32 --heads dmae,meanP \
   --dtypes bfloat16 --remats false --attention_impl cudnn --batch_size 128 --repeats 10
-run train_b32_f32 60 $PY benchmarks/train_step.py --clips ViT-B/32 --heads dmae \
+run train_b32_f32 60 $PY -m benchmarks.train_step --clips ViT-B/32 --heads dmae \
   --dtypes float32 --remats false --batch_size 128 --repeats 5
-run evaluate 60 $PY benchmarks/evaluate.py --dtype bfloat16 --attention_impl cudnn --batch 64 \
+run evaluate 60 $PY -m benchmarks.evaluate --dtype bfloat16 --attention_impl cudnn --batch 64 \
   --repeats 2
 STEP=$(grep -hoE "ViT-B/16 dmae bfloat16 [0-9.]+ steps/s" "$OUT/train_b16.log" | head -1 | \
   grep -oE "[0-9.]+ steps/s" | cut -d' ' -f1)
-run input_pipeline 80 $PY benchmarks/input_pipeline.py --videos 256 --batches 5 \
+run input_pipeline 80 $PY -m benchmarks.input_pipeline --videos 256 --batches 5 \
   --workers 0,8 ${STEP:+--step_rate $STEP}
 grep -h "^summary" "$OUT"/*.log

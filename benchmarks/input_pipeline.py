@@ -1,7 +1,7 @@
 r"""Input pipeline throughput: batches/s and decoded frames/s per core, with and without the cache.
 
-    python benchmarks/input_pipeline.py --quick            # ~3-4 min on 2 cores
-    python benchmarks/input_pipeline.py --videos 1024 --workers 0,4,8,16 --batches 20
+    python -m benchmarks.input_pipeline --quick            # ~3-4 min on 2 cores
+    python -m benchmarks.input_pipeline --videos 1024 --workers 0,4,8,16 --batches 20
 
 Builds synthetic sets through the real path (`data_prep.build`): F=12 at 224 px (the paper's
 shape; synthetic clips upscaled, so the JPEGs are smoother than natural video and decode somewhat
@@ -23,11 +23,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep import build  # noqa: E402
-from data_prep.synthetic import generate  # noqa: E402
-from tvr_jax.data import FrameCache, TrainIterator, VideoSplit  # noqa: E402
+from data_prep import build
+from data_prep.synthetic import generate
+from tvr_jax.data import FrameCache, TrainIterator, VideoSplit
 
 
 def _build(root: str, num_videos: int, num_frames: int, resolution: int, workers: int) -> VideoSplit:

@@ -1,7 +1,7 @@
 r"""Keyword-mask throughput: captions/s of `tvr_jax.keywords.keyword_mask` beside `tokenize`.
 
-    python benchmarks/keywords.py            # ~15 s on 2 cores
-    python benchmarks/keywords.py --quick    # a few seconds (smoke test)
+    python -m benchmarks.keywords            # ~15 s on 2 cores
+    python -m benchmarks.keywords --quick    # a few seconds (smoke test)
 
 Captions: the hand-labelled MSR-VTT / MSVD-style set of the tests (tests/data/keyword_captions.txt,
 ~330 distinct captions of ~7 words). Rows (median of --repeats calls over all of them, one untimed
@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import common  # noqa: E402
-from tvr_jax import keywords  # noqa: E402
-from tvr_jax.tokenizer import tokenize  # noqa: E402
+from benchmarks import common
+from tvr_jax import keywords
+from tvr_jax.tokenizer import tokenize
 
 _CAPTIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
                          "data", "keyword_captions.txt")

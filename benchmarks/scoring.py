@@ -1,8 +1,8 @@
 """Time and peak memory of chunked DMAE scoring for an MSVD-sized test set.
 
-    .venv/bin/python benchmarks/scoring.py          # 27,763 captions x 670 videos x 32 x 12, D 512
-    .venv/bin/python benchmarks/scoring.py --quick    # 2,000 captions x 100 videos (seconds)
-    .venv/bin/python benchmarks/scoring.py --budget_mib 256 --check 64
+    .venv/bin/python -m benchmarks.scoring          # 27,763 captions x 670 videos x 32 x 12, D 512
+    .venv/bin/python -m benchmarks.scoring --quick    # 2,000 captions x 100 videos (seconds)
+    .venv/bin/python -m benchmarks.scoring --budget_mib 256 --check 64
 
 Features are random unit vectors with random padding (scoring cost does not depend on values).
 Prints the block plan with XLA's memory analysis of the compiled block, the wall time, and the
@@ -13,17 +13,14 @@ the features were built (Linux `clear_refs`), next to the size of the features t
 import argparse
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from tvr_jax import scoring  # noqa: E402
-from tvr_jax.models import dmae  # noqa: E402
+from benchmarks import common
+from tvr_jax import scoring
+from tvr_jax.models import dmae
 
 MIB = 1 << 20
 

@@ -1,8 +1,8 @@
 """Video search: index build rate and query latency (first stage and re-scoring separately).
 
-    .venv/bin/python benchmarks/search.py --quick     # tiny model build, 1k / 100k queries (< 3 min)
-    .venv/bin/python benchmarks/search.py             # adds a ViT-B/32-sized model (random weights)
-    .venv/bin/python benchmarks/search.py --sizes 1000 100000 1000000
+    .venv/bin/python -m benchmarks.search --quick     # tiny model build, 1k / 100k queries (< 3 min)
+    .venv/bin/python -m benchmarks.search             # adds a ViT-B/32-sized model (random weights)
+    .venv/bin/python -m benchmarks.search --sizes 1000 100000 1000000
 
 Build rate: rendered synthetic clips (data_prep.synthetic) indexed end to end (frame extraction in
 worker processes, JPEG decode, jitted video encoder, thumbnails, atomic write), first build only.
@@ -18,15 +18,12 @@ queries after one warm-up (compilation) query.
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from data_prep.frames import FrameOptions  # noqa: E402
+from data_prep.frames import FrameOptions
 
 
 def _unit(x):

@@ -1,6 +1,6 @@
 """Search server under stalled connections: threads of `python -m tvr_jax.serve` (from /proc).
 
-    .venv/bin/python benchmarks/search_server_stall.py --index INDEX [--stalled 300] [--hold 20]
+    .venv/bin/python -m benchmarks.search_server_stall --index INDEX [--stalled 300] [--hold 20]
 
 Starts the server on a free loopback port, opens `--stalled` connections that send a partial
 request (nothing, half a request line, or headers without the closing blank line; a third each)

@@ -1,7 +1,7 @@
 r"""CLIP tokenizer throughput: tvr_jax's (on `tokenizers`) beside open_clip's and the old one.
 
-    python benchmarks/tokenizer.py           # 10,000 captions per set, ~2-7 min on 2 cores
-    python benchmarks/tokenizer.py --captions 200 --repeats 1 --sets plain
+    python -m benchmarks.tokenizer           # 10,000 captions per set, ~2-7 min on 2 cores
+    python -m benchmarks.tokenizer --captions 200 --repeats 1 --sets plain
 
 Tokenizers timed, each in a fresh Python process so that "cold" pays its own imports:
 - `tvr_jax`: `tvr_jax.tokenizer.CLIPTokenizer`, BPE in Hugging Face `tokenizers` (Rust).
@@ -35,10 +35,9 @@ import time
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+from benchmarks import common
 
-from benchmarks import common  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The last commit whose tvr_jax/tokenizer.py is the hand-written BPE.
 OLD_COMMIT = "f514d898495d3618bca1aaeaedf07228431b27ca"
@@ -200,7 +199,7 @@ def main(argv=None) -> None:
       ids = {}
       for impl in impls:
         out = os.path.join(tmp, f"{impl}-{kind}.npy")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, kind, out,
+        cmd = [sys.executable, "-m", "benchmarks.tokenizer", "--child", impl, kind, out,
                "--vocab", vocab, "--captions", str(args.captions),
                "--context_length", str(args.context_length), "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)

@@ -1,6 +1,6 @@
 r"""PyTorch reference train step: CLIP4Clip meanP + symmetric InfoNCE + AdamW on open_clip towers.
 
-    python benchmarks/torch_reference.py --clip ViT-B/32 --batch_size 4 --frames 12
+    python -m benchmarks.torch_reference --clip ViT-B/32 --batch_size 4 --frames 12
 
 What one step does (CLIP4Clip's `meanP` recipe, random init, `quick_gelu` as OpenAI CLIP):
   frames uint8 [B, F, H, W, 3] -> float, CLIP-normalised, NCHW -> encode_image on B*F images ->
@@ -19,14 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,7 +32,7 @@ OPEN_CLIP_NAMES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16"}
 
 def import_open_clip():
   """open_clip beside CPU torch (the workaround of tests/conftest.py, imported from there)."""
-  from conftest import import_open_clip as imp
+  from tests.conftest import import_open_clip as imp
   return imp()
 
 

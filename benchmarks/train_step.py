@@ -1,10 +1,10 @@
 r"""Train-step throughput: steps/s, clips/s, TFLOP/s and the JAX/PyTorch time ratio.
 
-  python benchmarks/train_step.py --quick       # CPU, < 5 min: ViT-B/32, 12 x 224 px, batch 4, f32
-  python benchmarks/train_step.py --tiny        # smoke test (tiny CLIP, 64 px), seconds
-  python benchmarks/train_step.py               # GPU: ViT-B/32 and B/16 x {DMAE, meanP} x {f32,
+  python -m benchmarks.train_step --quick       # CPU, < 5 min: ViT-B/32, 12 x 224 px, batch 4, f32
+  python -m benchmarks.train_step --tiny        # smoke test (tiny CLIP, 64 px), seconds
+  python -m benchmarks.train_step               # GPU: ViT-B/32 and B/16 x {DMAE, meanP} x {f32,
                                                 #   bf16} x {remat off, on}, batch 128, + max batch
-  python benchmarks/train_step.py --clips ViT-B/16 --heads dmae --dtypes bfloat16 \
+  python -m benchmarks.train_step --clips ViT-B/16 --heads dmae --dtypes bfloat16 \
       --attention_impl cudnn --batch_size 128 --max_batch
 
 Rows ("head"):
@@ -42,19 +42,17 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from configs import base  # noqa: E402
-from tvr_jax import sharding, train  # noqa: E402
-from tvr_jax.models import build as build_lib  # noqa: E402
-from tvr_jax.models import clip as clip_lib  # noqa: E402
-from tvr_jax.models import dmae, retrieval  # noqa: E402
+from benchmarks import common
+from configs import base
+from tvr_jax import sharding, train
+from tvr_jax.models import build as build_lib
+from tvr_jax.models import clip as clip_lib
+from tvr_jax.models import dmae, retrieval
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by `device_kind` substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0,
@@ -228,13 +226,13 @@ def matmul_gflops_jax(m: int, k: int, n: int, repeats: int = 10) -> float:
 def run_torch(clip: str, batch: int, frames: int, image_size: int, words: int, repeats: int,
               warmup: int, matmul: tuple[int, int, int] | None = None) -> dict:
   """Times the PyTorch reference step in a subprocess (no thread-pool interference with XLA)."""
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
-  cmd = [sys.executable, script, "--clip", clip, "--batch_size", str(batch), "--frames",
+  cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--clip", clip, "--batch_size", str(batch), "--frames",
          str(frames), "--image_size", str(image_size), "--max_words", str(words), "--repeats",
          str(repeats), "--warmup", str(warmup), "--json"]
   if matmul:
     cmd += ["--matmul", ",".join(str(v) for v in matmul)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   lines = [l for l in out.stdout.splitlines() if l.startswith("json: ")]
   if out.returncode or not lines:
     raise RuntimeError(f"torch reference failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")

@@ -14,8 +14,6 @@ import pytest
 
 from conftest import REPO_ROOT
 
-sys.path.insert(0, REPO_ROOT)
-
 
 def _run(*args, timeout=240):
   out = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -25,7 +23,7 @@ def _run(*args, timeout=240):
 
 
 def test_train_step_tiny_prints_table_and_summary():
-  out = _run("benchmarks/train_step.py", "--tiny")
+  out = _run("-m", "benchmarks.train_step", "--tiny")
   summary = [l for l in out.splitlines() if l.startswith("summary: ")]
   assert len(summary) == 1, out
   assert "tiny-64 dmae float32" in summary[0] and "tiny-64 meanP float32" in summary[0]
@@ -43,7 +41,7 @@ def test_train_step_tiny_prints_table_and_summary():
 
 
 def test_evaluate_tiny_prints_summary():
-  out = _run("benchmarks/evaluate.py", "--tiny")
+  out = _run("-m", "benchmarks.evaluate", "--tiny")
   summary = [l for l in out.splitlines() if l.startswith("summary: ")]
   assert len(summary) == 1, out
   assert "extrapolated from 4" in out  # 4 of 50 videos encoded, scaled up

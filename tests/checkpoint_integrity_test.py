@@ -17,8 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_with_devices
-from train_test import main_command, small_synthetic_data, smoke_config, subprocess_env  # noqa: F401
+from conftest import REPO_ROOT, main_command, smoke_config, subprocess_env
 from tvr_jax import checkpointing, train
 from tvr_jax.models import build as build_lib
 from tvr_jax.models import retrieval
@@ -120,29 +119,22 @@ def test_checksums_see_one_flipped_bit_and_swapped_blocks():
   assert checkpointing.state_integrity({"x": bad, "y": x})[1] == ["x"]
 
 
+@pytest.mark.devices(8)
 def test_checksums_do_not_depend_on_sharding():
   """8 devices, leaves sharded over 8 or 2x4 (and replicated): the same sums as one device."""
-  out = run_with_devices("""
-    import json, jax, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from tvr_jax import checkpointing
-    rng = np.random.default_rng(0)
-    tree = {"a": rng.standard_normal((64, 24)).astype(np.float32),
-            "b": rng.integers(0, 2**31, (16, 8, 4), dtype=np.int32).astype(np.uint32),
-            "c": rng.standard_normal((3,)).astype(np.float32)}
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
-    specs = {"a": P(("data", "fsdp")), "b": P("data", "fsdp"), "c": P()}
-    sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
-    one = {k: jax.device_put(v, jax.devices()[0]) for k, v in tree.items()}
-    print(json.dumps([checkpointing.state_integrity(sharded)[0],
-                      checkpointing.state_integrity(one)[0],
-                      len(sharded["a"].sharding.device_set)]))
-  """)
-  import json
-  sharded, one, n = json.loads(out.strip().splitlines()[-1])
-  assert n == 8 and sharded == one
-  assert sharded["a"] == list(reference_checksum(np.random.default_rng(0).standard_normal(
-      (64, 24)).astype(np.float32)))
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  rng = np.random.default_rng(0)
+  tree = {"a": rng.standard_normal((64, 24)).astype(np.float32),
+          "b": rng.integers(0, 2**31, (16, 8, 4), dtype=np.int32).astype(np.uint32),
+          "c": rng.standard_normal((3,)).astype(np.float32)}
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  specs = {"a": P(("data", "fsdp")), "b": P("data", "fsdp"), "c": P()}
+  sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+  one = {k: jax.device_put(v, jax.devices()[0]) for k, v in tree.items()}
+  assert len(sharded["a"].sharding.device_set) == 8
+  sums_sharded = checkpointing.state_integrity(sharded)[0]
+  assert sums_sharded == checkpointing.state_integrity(one)[0]
+  assert list(sums_sharded["a"]) == list(reference_checksum(tree["a"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +323,7 @@ def _run_config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def finished_run(small_synthetic_data, tmp_path_factory):  # noqa: F811
+def finished_run(small_synthetic_data, tmp_path_factory):
   """A finished 8-step synthetic run with checkpoints at steps 4 and 8."""
   workdir = str(tmp_path_factory.mktemp("finished_run") / "run")
   train.train_and_evaluate(_run_config(small_synthetic_data), workdir)
@@ -350,7 +342,7 @@ def _params(step_dir):
           checkpointing.flatten_params(checkpointing.restore_train_params(step_dir)).items()}
 
 
-def test_bitflipped_latest_step_resumes_from_the_intact_one(finished_run, small_synthetic_data,  # noqa: F811
+def test_bitflipped_latest_step_resumes_from_the_intact_one(finished_run, small_synthetic_data,
                                                             tmp_path, caplog):
   run = _copy(finished_run, tmp_path)
   ckpt = os.path.join(run, "checkpoints")
@@ -369,7 +361,7 @@ def test_bitflipped_latest_step_resumes_from_the_intact_one(finished_run, small_
     np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
-def test_truncated_latest_step_is_skipped_when_evaluating(finished_run, small_synthetic_data,  # noqa: F811
+def test_truncated_latest_step_is_skipped_when_evaluating(finished_run, small_synthetic_data,
                                                            tmp_path, caplog):
   run = _copy(finished_run, tmp_path)
   truncate(os.path.join(run, "checkpoints", "8"))
@@ -382,7 +374,7 @@ def test_truncated_latest_step_is_skipped_when_evaluating(finished_run, small_sy
   assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["4", "8"]   # eval only reads
 
 
-def test_every_step_damaged_stops_without_touching_them(finished_run, small_synthetic_data,  # noqa: F811
+def test_every_step_damaged_stops_without_touching_them(finished_run, small_synthetic_data,
                                                         tmp_path):
   run = _copy(finished_run, tmp_path)
   flip_bytes(os.path.join(run, "checkpoints", "8"))
@@ -404,7 +396,7 @@ OBJECTIVE_CHANGES = [
 
 
 @pytest.mark.parametrize("key,value", OBJECTIVE_CHANGES, ids=[k for k, _ in OBJECTIVE_CHANGES])
-def test_changed_objective_is_refused_before_anything_is_written(finished_run, small_synthetic_data,  # noqa: F811
+def test_changed_objective_is_refused_before_anything_is_written(finished_run, small_synthetic_data,
                                                                  tmp_path, key, value):
   run = _copy(finished_run, tmp_path)
   before = snapshot(run)
@@ -415,7 +407,7 @@ def test_changed_objective_is_refused_before_anything_is_written(finished_run, s
   assert snapshot(run) == before   # no log line, no config_train.json, no TensorBoard file
 
 
-def test_every_difference_is_listed_and_allowing_them_resumes(finished_run, small_synthetic_data,  # noqa: F811
+def test_every_difference_is_listed_and_allowing_them_resumes(finished_run, small_synthetic_data,
                                                               tmp_path, caplog):
   run = _copy(finished_run, tmp_path)
   changes = {"model.contrastive_loss": "infonce", "optimizer.weight_decay": 0.9,
@@ -434,7 +426,7 @@ def test_every_difference_is_listed_and_allowing_them_resumes(finished_run, smal
 
 
 @pytest.mark.parametrize("key", ["model.textual_attention", "model.visual_attention"])
-def test_evaluating_with_other_switches_is_an_error(finished_run, small_synthetic_data, tmp_path,  # noqa: F811
+def test_evaluating_with_other_switches_is_an_error(finished_run, small_synthetic_data, tmp_path,
                                                     key):
   run = _copy(finished_run, tmp_path)
   before = snapshot(run)
@@ -444,7 +436,7 @@ def test_evaluating_with_other_switches_is_an_error(finished_run, small_syntheti
   assert snapshot(run) == before
 
 
-def test_non_finite_parameters_are_never_saved(small_synthetic_data, tmp_path, monkeypatch):  # noqa: F811
+def test_non_finite_parameters_are_never_saved(small_synthetic_data, tmp_path, monkeypatch):
   """A step that leaves NaN parameters with finite loss and gradients is caught at the save."""
   real = train.make_train_step
 
@@ -468,7 +460,7 @@ def test_non_finite_parameters_are_never_saved(small_synthetic_data, tmp_path, m
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
-def test_disk_full_run_ends_with_one_line_naming_the_workdir(small_synthetic_data, tmp_path):  # noqa: F811
+def test_disk_full_run_ends_with_one_line_naming_the_workdir(small_synthetic_data, tmp_path):
   """`python -m tvr_jax.main` on a 20 MB tmpfs: step 4 fits (~15 MB), step 8 does not."""
   _require_tmpfs(tmp_path)
   workdir = tmp_path / "disk"

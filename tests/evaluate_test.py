@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, run_with_devices
-from train_test import small_synthetic_data, smoke_config  # noqa: F401
+from conftest import REPO_ROOT, smoke_config
 
 from tvr_jax import evaluate, metrics, scoring, sharding
 from tvr_jax.data import evaluation
@@ -237,10 +236,8 @@ def test_bucket_widths_error_names_the_buckets():
 
 
 # ---- sharded scoring ----------------------------------------------------------------------------
-_SHARDED_CHECK = """
-  import json, jax, numpy as np
-  from tvr_jax import evaluate, scoring
-  from evaluate_test import _features
+@pytest.mark.devices(8)
+def test_sharded_scoring_on_8_devices_equals_one_device():
   text, video, cv = _features(203, 17, 6, 5, 16, seed=7)
   rng = np.random.default_rng(8)
   ww = rng.random(text[2].shape).astype(np.float32) * text[2]
@@ -257,22 +254,13 @@ _SHARDED_CHECK = """
                           word_weights=ww if weighted else None,
                           frame_weights=fw if weighted else None)
       m = evaluate.retrieval_metrics_from_rows(rows, sim, cv, 17, dsl=True)
-      out[f"{n}/{weighted}"] = dict(rows=rows.tolist(), metrics=m, chunk=sc.plan.text_chunk,
-                                    err=float(np.abs(sim - ref[rows]).max()),
-                                    sim=sim.tobytes().hex())
-  print(json.dumps(out))
-"""
-
-
-def test_sharded_scoring_on_8_devices_equals_one_device():
-  path = REPO_ROOT + os.pathsep + os.path.dirname(__file__)
-  out = json.loads(run_with_devices(_SHARDED_CHECK, 8, env={"PYTHONPATH": path}).strip()
-                   .splitlines()[-1])
-  for weighted in ("False", "True"):
-    one, eight = out[f"1/{weighted}"], out[f"8/{weighted}"]
+      out[(n, weighted)] = dict(rows=rows.tolist(), metrics=m, chunk=sc.plan.text_chunk,
+                                err=float(np.abs(sim - ref[rows]).max()), sim=sim)
+  for weighted in (False, True):
+    one, eight = out[(1, weighted)], out[(8, weighted)]
     assert one["rows"] == eight["rows"] == list(range(203))
     assert one["chunk"] == eight["chunk"] < 203 // 8   # eight devices score 8 blocks at once
-    assert eight["sim"] == one["sim"]                     # bit-identical rows
+    np.testing.assert_array_equal(eight["sim"], one["sim"])   # bit-identical rows
     assert eight["metrics"] == one["metrics"]
     assert one["err"] < 1e-5                              # against the single-device scorer
 
@@ -339,7 +327,7 @@ def test_switch_mismatch_is_an_error():
       evaluate.check_switches(base, RetrievalConfig(max_words=8, max_frames=3, **change))
 
 
-def test_wti_model_evaluates(small_synthetic_data):  # noqa: F811
+def test_wti_model_evaluates(small_synthetic_data):
   """A "wti" model runs through Evaluator.run; its metrics equal those of the model's own
   similarity on the cached features (`scoring.score_model`, weights from the features)."""
   from tvr_jax import train

@@ -13,7 +13,7 @@ Float32 with full-precision matrix products; tolerances relative to each array's
 float32 limits the reference's authors measured by running their code in float32). `metrics/*`
 keys are covered by tests/metrics_test.py.
 
-`python tests/golden_test.py [--x64]` prints the largest relative error per group.
+`PYTHONPATH=. python tests/golden_test.py [--x64]` prints the largest relative error per group.
 """
 
 import functools
@@ -21,18 +21,15 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import REPO_ROOT, golden_file_path, require_golden_file
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-from conftest import REPO_ROOT, golden_file_path, require_golden_file  # noqa: E402
-from flax import nnx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from tvr_jax import losses  # noqa: E402
-from tvr_jax.models import dmae, tpmcl  # noqa: E402
+from tvr_jax import losses
+from tvr_jax.models import dmae, tpmcl
 
 CASES = ("small", "clip")
 VARIANTS = [f"{i}_nfc{n}_twm{t}" for i in ("ti", "att_ti") for n in (0, 1) for t in (0, 1)]
@@ -401,8 +398,8 @@ def test_missing_reference_skips_or_fails_under_ci(tmp_path, monkeypatch):
 
 
 if __name__ == "__main__":
-  # `python tests/golden_test.py [--x64]`: the error table, in float32 or in float64 (where
-  # agreement to 1e-10 is expected).
+  # `PYTHONPATH=. python tests/golden_test.py [--x64]`: the error table, in float32 or in float64
+  # (where agreement to 1e-10 is expected).
   path = golden_file_path()
   if not os.path.exists(path):
     sys.exit(f"golden file {path} not found (set TVR_GOLDEN_FILE)")

@@ -283,7 +283,7 @@ def test_benchmark_quick_prints_summary():
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "benchmarks/keywords.py", "--quick"], cwd=root,
+  out = subprocess.run([sys.executable, "-m", "benchmarks.keywords", "--quick"], cwd=root,
                        capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = [l for l in out.stdout.splitlines() if l.startswith("summary: ")]

@@ -5,17 +5,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT, run_with_devices
-from train_test import main_command, small_synthetic_data, smoke_config, subprocess_env  # noqa: F401
-
-sys.path.insert(0, REPO_ROOT)
-from configs import base, msvd  # noqa: E402
-from tvr_jax import checkpointing, train  # noqa: E402
-from tvr_jax.data import datasets  # noqa: E402
+from conftest import REPO_ROOT, main_command, smoke_config, subprocess_env
+from configs import base, msvd, synthetic
+from tvr_jax import checkpointing, train
+from tvr_jax.data import datasets
 
 
 def test_bad_model_key_or_value_on_command_line_writes_nothing(tmp_path):
@@ -80,22 +76,17 @@ def test_missing_clip_and_dataset_say_what_to_run(tmp_path):
   assert not (tmp_path / "tfds").exists()
 
 
-def test_batch_not_divisible_by_data_axis(small_synthetic_data, tmp_path):  # noqa: F811
-  out = run_with_devices(f"""
-    from configs import synthetic
-    from tvr_jax import train
-    c = synthetic.get_config("smoke")
-    c.data_dir, c.batch_size, c.progress_bar = {small_synthetic_data!r}, 8, False
-    try:
-      train.train_and_evaluate(c, {str(tmp_path / 'w')!r})
-    except ValueError as e:
-      print("ERROR:", e)
-  """, n_devices=3)
-  assert "config.batch_size=8 is not divisible by the 3 data-parallel shards" in out
+@pytest.mark.devices(3)
+def test_batch_not_divisible_by_data_axis(small_synthetic_data, tmp_path):
+  c = synthetic.get_config("smoke")
+  c.data_dir, c.batch_size, c.progress_bar = small_synthetic_data, 8, False
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert "config.batch_size=8 is not divisible by the 3 data-parallel shards" in str(e.value)
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_checkpoint_of_other_model_or_corrupt_is_clear_error(small_synthetic_data, tmp_path):  # noqa: F811
+def test_checkpoint_of_other_model_or_corrupt_is_clear_error(small_synthetic_data, tmp_path):
   workdir = str(tmp_path)
   c = smoke_config(small_synthetic_data, num_train_steps=1, eval_max_examples=8)
   train.train_and_evaluate(c, workdir)
@@ -118,7 +109,7 @@ def test_checkpoint_of_other_model_or_corrupt_is_clear_error(small_synthetic_dat
   assert not (tmp_path / "checkpoints" / "2").exists()
 
 
-def test_zero_shot_eval_of_converted_clip(small_synthetic_data, tmp_path):  # noqa: F811
+def test_zero_shot_eval_of_converted_clip(small_synthetic_data, tmp_path):
   """--config.mode=eval --config.init_from=DIR evaluates a converted CLIP with no training."""
   import jax
   from flax import nnx

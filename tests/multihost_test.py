@@ -14,8 +14,7 @@ import sys
 
 import numpy as np
 
-from conftest import REPO_ROOT
-from train_test import main_command, small_synthetic_data, subprocess_env  # noqa: F401
+from conftest import REPO_ROOT, main_command, subprocess_env
 
 WORKER = r"""
 import json, sys
@@ -91,7 +90,7 @@ def _run(args, n_proc, data_dir):
   return _wait(_start(args, n_proc, data_dir))
 
 
-def test_two_processes_equal_one(small_synthetic_data, tmp_path):  # noqa: F811
+def test_two_processes_equal_one(small_synthetic_data, tmp_path):
   port = _free_port()
   # All three processes at once: XLA compiles on one core per process.
   two = _start(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data,
@@ -109,7 +108,7 @@ def test_two_processes_equal_one(small_synthetic_data, tmp_path):  # noqa: F811
   assert np.linalg.norm(pb - pa) / np.linalg.norm(pa) < 1e-5
 
 
-def test_main_in_two_processes(small_synthetic_data, tmp_path):  # noqa: F811
+def test_main_in_two_processes(small_synthetic_data, tmp_path):
   """`python -m tvr_jax.main` with --coordinator_address: trains, checkpoints, evaluates."""
   port = _free_port()
   workdir = tmp_path / "w"

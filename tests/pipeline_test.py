@@ -2,10 +2,11 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import run_with_devices
 from data_prep.synthetic import generate
 from tvr_jax.data import EvalData, FrameCache, TrainIterator, VideoSplit
 from tvr_jax.tokenizer import tokenize
@@ -211,32 +212,26 @@ def test_eval_paragraph_mode(test_split):
       b["text_ids"][0], tokenize([" ".join(test_split.captions[int(b["video_index"][0])])], 64)[0])
 
 
+@pytest.mark.devices(8)
 def test_global_arrays_on_8_devices(data_dir):
-  out = run_with_devices(f"""
-      import json
-      import jax, numpy as np
-      from jax.sharding import NamedSharding, PartitionSpec as P
-      from tvr_jax.data import EvalData, TrainIterator, VideoSplit
-      assert jax.device_count() == 8
-      mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
-      sharding = NamedSharding(mesh, P(("data", "fsdp")))
-      split = VideoSplit.open({data_dir!r}, "train", dataset="synthetic", progress=False)
-      kw = dict(global_batch_size=16, caption_mode="all", context_length={L}, seed=1)
-      host = next(TrainIterator(split, **kw))
-      dev = next(TrainIterator(split, sharding=sharding, **kw))
-      for k, v in dev.items():
-        assert isinstance(v, jax.Array) and v.shape == host[k].shape, (k, v.shape)
-        assert v.sharding == sharding, (k, v.sharding)
-        assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape[0] == 2
-        np.testing.assert_array_equal(np.asarray(v), host[k])
-      test = VideoSplit.open({data_dir!r}, "test", dataset="synthetic", progress=False)
-      ev = EvalData(test, global_batch_size=8, caption_mode="all", context_length={L},
-                    sharding=sharding)
-      vb = list(ev.video_batches())
-      assert vb[-1]["valid"].shape == (8,) and int(vb[-1]["valid"].sum()) == 2
-      print(json.dumps({{"ok": True, "frames": list(dev["frames"].shape)}}))
-      """)
-  result = json.loads(out.strip().splitlines()[-1])
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
+  sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  split = VideoSplit.open(data_dir, "train", dataset="synthetic", progress=False)
+  kw = dict(global_batch_size=16, caption_mode="all", context_length=L, seed=1)
+  host = next(TrainIterator(split, **kw))
+  dev = next(TrainIterator(split, sharding=sharding, **kw))
+  for k, v in dev.items():
+    assert isinstance(v, jax.Array) and v.shape == host[k].shape, (k, v.shape)
+    assert v.sharding == sharding, (k, v.sharding)
+    assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape[0] == 2
+    np.testing.assert_array_equal(np.asarray(v), host[k])
+  test = VideoSplit.open(data_dir, "test", dataset="synthetic", progress=False)
+  ev = EvalData(test, global_batch_size=8, caption_mode="all", context_length=L,
+                sharding=sharding)
+  vb = list(ev.video_batches())
+  assert vb[-1]["valid"].shape == (8,) and int(vb[-1]["valid"].sum()) == 2
+  result = {"ok": True, "frames": list(dev["frames"].shape)}
   assert result == {"ok": True, "frames": [16, F, R, R, 3]}
 
 

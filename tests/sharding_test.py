@@ -1,11 +1,11 @@
 """Tests for tvr_jax.sharding: mesh sizing, the rule table, sharded initialisation."""
 
-import json
-
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import run_with_devices
 from tvr_jax import sharding
 
 
@@ -31,34 +31,31 @@ def test_fsdp_spec_picks_largest_divisible_dim():
   assert sharding.fsdp_spec((100,), 1) == P()
 
 
+@pytest.mark.devices(8)
 def test_sharded_init_on_8_devices():
-  out = run_with_devices("""
-    import json, jax, jax.numpy as jnp, numpy as np
-    from tvr_jax import sharding
-    mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
-    rules = [(r"frozen/", "replicate"), (r"explicit/w$", ("data", None)), (r".*", "fsdp")]
-    def init():
-      k = jax.random.key(0)
-      return {"big": {"kernel": jax.random.normal(k, (256, 128))},
-              "small": {"bias": jnp.zeros((128,))},
-              "frozen": {"kernel": jnp.ones((256, 128))},
-              "explicit": {"w": jnp.ones((64, 256))}}
-    abstract, shardings = sharding.abstract_sharded(init, mesh, rules, min_fsdp_size=1024)
-    tree = jax.jit(init, out_shardings=shardings)()
-    assert all(a.sharding == t.sharding for a, t in zip(jax.tree.leaves(abstract), jax.tree.leaves(tree)))
-    res = {k: str(v["kernel" if "kernel" in v else ("bias" if "bias" in v else "w")].sharding.spec)
-           for k, v in tree.items()}
-    res["mesh"] = dict(mesh.shape)
-    res["shard_shape"] = list(tree["big"]["kernel"].addressable_shards[0].data.shape)
-    ref = jax.random.normal(jax.random.key(0), (256, 128))
-    res["equal"] = bool(np.array_equal(np.asarray(tree["big"]["kernel"]), np.asarray(ref)))
-    try:
-      sharding.check_batch_size(12, mesh)
-    except ValueError as e:
-      res["err"] = str(e)
-    print(json.dumps(res))
-  """)
-  res = json.loads(out.strip().splitlines()[-1])
+  mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
+  rules = [(r"frozen/", "replicate"), (r"explicit/w$", ("data", None)), (r".*", "fsdp")]
+
+  def init():
+    k = jax.random.key(0)
+    return {"big": {"kernel": jax.random.normal(k, (256, 128))},
+            "small": {"bias": jnp.zeros((128,))},
+            "frozen": {"kernel": jnp.ones((256, 128))},
+            "explicit": {"w": jnp.ones((64, 256))}}
+  abstract, shardings = sharding.abstract_sharded(init, mesh, rules, min_fsdp_size=1024)
+  tree = jax.jit(init, out_shardings=shardings)()
+  assert all(a.sharding == t.sharding
+             for a, t in zip(jax.tree.leaves(abstract), jax.tree.leaves(tree)))
+  res = {k: str(v["kernel" if "kernel" in v else ("bias" if "bias" in v else "w")].sharding.spec)
+         for k, v in tree.items()}
+  res["mesh"] = dict(mesh.shape)
+  res["shard_shape"] = list(tree["big"]["kernel"].addressable_shards[0].data.shape)
+  ref = jax.random.normal(jax.random.key(0), (256, 128))
+  res["equal"] = bool(np.array_equal(np.asarray(tree["big"]["kernel"]), np.asarray(ref)))
+  try:
+    sharding.check_batch_size(12, mesh)
+  except ValueError as e:
+    res["err"] = str(e)
   assert res["mesh"] == {"data": 2, "fsdp": 4}
   assert res["big"] == str(P("fsdp", None))
   assert res["shard_shape"] == [64, 128]
@@ -70,7 +67,6 @@ def test_sharded_init_on_8_devices():
 
 
 def test_bad_explicit_rule_is_named():
-  import jax
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
   with pytest.raises(ValueError, match="unknown sharding rule 'shard_me'"):
     sharding.spec_for("a/b", (4096, 8), mesh, [(".*", "shard_me")], min_fsdp_size=1)

@@ -5,15 +5,12 @@ import sys
 
 import pytest
 
+from benchmarks import tokenizer as bench
 from conftest import REPO_ROOT
-
-sys.path.insert(0, REPO_ROOT)
-
-from benchmarks import tokenizer as bench  # noqa: E402
 
 
 def test_tiny_run_prints_all_tokenizers_with_open_clip_ids():
-  out = subprocess.run([sys.executable, "benchmarks/tokenizer.py", "--captions", "30",
+  out = subprocess.run([sys.executable, "-m", "benchmarks.tokenizer", "--captions", "30",
                         "--repeats", "1", "--sets", "plain"], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -42,6 +39,6 @@ def test_caption_sets_are_reproducible_and_differ():
 
 
 def test_unknown_set_is_a_clear_error():
-  out = subprocess.run([sys.executable, "benchmarks/tokenizer.py", "--sets", "plain,bogus"],
+  out = subprocess.run([sys.executable, "-m", "benchmarks.tokenizer", "--sets", "plain,bogus"],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 2 and "bogus" in out.stderr

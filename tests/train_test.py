@@ -1,131 +1,75 @@
 """Tests for tvr_jax.train: sharded step equivalence, one-step end-to-end, exact resume, NaN handling,
 and the synthetic config's learning check.
 
-The small synthetic dataset (`small_synthetic_data`, 64 train / 32 test clips) is built once per
-session and shared with main_test.py and multihost_test.py.
+The small synthetic dataset (`small_synthetic_data`, 64 train / 32 test clips, tests/conftest.py)
+is built once per session and shared with main_test.py and multihost_test.py.
 """
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_with_devices
-
-sys.path.insert(0, REPO_ROOT)
-from configs import synthetic as synthetic_config  # noqa: E402
-from tvr_jax import checkpointing, sharding  # noqa: E402
-from tvr_jax import train  # noqa: E402
-from tvr_jax.data import datasets  # noqa: E402
-
-
-def build_synthetic(root, **sizes) -> str:
-  """Renders a raw synthetic tree of `sizes` and builds it as TFDS under root/tfds; returns that."""
-  from data_prep import build as build_lib
-  from data_prep.synthetic import generate
-  raw = os.path.join(root, "raw")
-  generate.write_raw(generate.SyntheticConfig(**sizes), raw, progress=False)
-  data_dir = os.path.join(root, "tfds")
-  build_lib.build("synthetic", raw, data_dir, workers=1, progress=False)
-  return data_dir
-
-
-@pytest.fixture(scope="session")
-def small_synthetic_data(tmp_path_factory):
-  """TFDS data_dir of a small synthetic set (64 train, 8 val, 32 test clips; 8 frames x 64 px)."""
-  return build_synthetic(str(tmp_path_factory.mktemp("synthetic_small")), num_train=64, num_val=8,
-                         num_test=32)
-
-
-def smoke_config(data_dir, **overrides):
-  """configs/synthetic.py:smoke on `data_dir` with `overrides` (dotted keys allowed)."""
-  c = synthetic_config.get_config("smoke")
-  c.data_dir = data_dir
-  c.progress_bar = False
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
-
-
-def main_command(config_arg, workdir, **overrides):
-  """The `python -m tvr_jax.main` command line for `configs/synthetic.py:<config_arg>`."""
-  cmd = [sys.executable, "-m", "tvr_jax.main", f"--config=configs/synthetic.py:{config_arg}",
-         f"--workdir={workdir}"]
-  cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-  return cmd
-
-
-def subprocess_env(data_dir):
-  """Environment of the `python -m tvr_jax.main` subprocesses: CPU, and a persistent compilation
-  cache beside the session's data so runs of the same config compile once."""
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(data_dir), "jit_cache"))
+from conftest import REPO_ROOT, main_command, smoke_config, subprocess_env
+from configs import synthetic as synthetic_config
+from tvr_jax import checkpointing, sharding
+from tvr_jax import train
+from tvr_jax.data import datasets
 
 
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.devices(8)
 def test_sharded_step_equals_single_device(tmp_path):
   """8 devices (batch over data=2 x fsdp=4, parameters FSDP over 4) == 1 device, one step.
 
   The objective is InfoNCE + TPM-CL over the global batch (see the code for why not NegNCE); Adam's
   epsilon is raised so that the first update is linear in the gradient instead of +-lr.
   """
-  out = run_with_devices(f"""
-    import json, jax, numpy as np
-    from configs import synthetic
-    from tvr_jax import sharding, train
-    c = synthetic.get_config("smoke")
-    c.clip_preset, c.image_size, c.num_frames, c.max_words = "tiny", 32, 4, 16
-    c.batch_size, c.min_fsdp_size = 8, 512
-    # Global-batch InfoNCE + full TPM-CL: NegNCE's hard-negative set (S_ij > S_ii, margin 0) and its
-    # probability clip are discontinuous, so its gradients move ~1e-4 under mere float reordering
-    # (even a permuted batch on one device); InfoNCE exercises the same global-batch similarity.
-    c.model.contrastive_loss, c.model.partial_type = "infonce", 4
-    c.optimizer.warmup_fraction = 0.0   # the first step already moves the parameters
-    # Adam's first step is lr * g / (|g| + eps): with the tiny default eps it maps gradients of
-    # ~1e-9 (rounding noise) to +-lr, so compare with an eps that keeps the update linear in g.
-    c.optimizer.eps = 1.0
-    c.optimizer.groups = [(".*", 1.0)]   # a large step: moves the weights ~4% (eps=1 damps it)
-    rng = np.random.default_rng(0)
-    ids = np.zeros((8, 16), np.int32)
-    ids[:, 0] = 49406
-    ids[:, 1:6] = rng.integers(1, 5000, (8, 5))
-    ids[:, 6] = 49407
-    batch = {{"frames": rng.integers(0, 256, (8, 4, 32, 32, 3), dtype=np.uint8),
-             "frame_mask": np.array([[1, 1, 1, 1]] * 6 + [[1, 1, 0, 0]] * 2, np.int32),
-             "text_ids": ids}}
-    results = {{}}
-    for name, mesh_cfg, devices in [("one", {{"data": 1, "fsdp": 1}}, jax.devices()[:1]),
-                                    ("eight", {{"data": 2, "fsdp": 4}}, jax.devices())]:
-      mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-      state, setup = train.create_train_state(c, mesh, total_steps=10)
-      if name == "one":
-        np.savez({str(tmp_path / "init.npz")!r}, **{{jax.tree_util.keystr(p): np.asarray(x) for p, x in
-                                             jax.tree_util.tree_leaves_with_path(state["params"])}})
-      step = train.make_train_step(setup, mesh)
-      b = {{k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}}
-      losses = []
-      for _ in range(1):
-        state, m = step(state, b)
-        losses.append(float(m["loss"]))
-      specs = [str(x.sharding.spec) for x in jax.tree.leaves(state["params"])]
-      flat = {{jax.tree_util.keystr(p): np.asarray(x) for p, x in
-              jax.tree_util.tree_leaves_with_path(state["params"])}}
-      np.savez({str(tmp_path)!r} + f"/{{name}}.npz", **flat)
-      results[name] = {{"losses": losses, "fsdp_leaves": sum("fsdp" in s for s in specs),
-                       "n_devices": len(jax.tree.leaves(state["params"])[0].sharding.device_set)}}
-    print(json.dumps(results))
-  """)
-  res = json.loads(out.strip().splitlines()[-1])
+  c = synthetic_config.get_config("smoke")
+  c.clip_preset, c.image_size, c.num_frames, c.max_words = "tiny", 32, 4, 16
+  c.batch_size, c.min_fsdp_size = 8, 512
+  # Global-batch InfoNCE + full TPM-CL: NegNCE's hard-negative set (S_ij > S_ii, margin 0) and its
+  # probability clip are discontinuous, so its gradients move ~1e-4 under mere float reordering
+  # (even a permuted batch on one device); InfoNCE exercises the same global-batch similarity.
+  c.model.contrastive_loss, c.model.partial_type = "infonce", 4
+  c.optimizer.warmup_fraction = 0.0   # the first step already moves the parameters
+  # Adam's first step is lr * g / (|g| + eps): with the tiny default eps it maps gradients of
+  # ~1e-9 (rounding noise) to +-lr, so compare with an eps that keeps the update linear in g.
+  c.optimizer.eps = 1.0
+  c.optimizer.groups = [(".*", 1.0)]   # a large step: moves the weights ~4% (eps=1 damps it)
+  rng = np.random.default_rng(0)
+  ids = np.zeros((8, 16), np.int32)
+  ids[:, 0] = 49406
+  ids[:, 1:6] = rng.integers(1, 5000, (8, 5))
+  ids[:, 6] = 49407
+  batch = {"frames": rng.integers(0, 256, (8, 4, 32, 32, 3), dtype=np.uint8),
+           "frame_mask": np.array([[1, 1, 1, 1]] * 6 + [[1, 1, 0, 0]] * 2, np.int32),
+           "text_ids": ids}
+  res = {}
+  for name, mesh_cfg, devices in [("one", {"data": 1, "fsdp": 1}, jax.devices()[:1]),
+                                  ("eight", {"data": 2, "fsdp": 4}, jax.devices())]:
+    mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+    state, setup = train.create_train_state(c, mesh, total_steps=10)
+    if name == "one":
+      np.savez(tmp_path / "init.npz", **{jax.tree_util.keystr(p): np.asarray(x) for p, x in
+                                         jax.tree_util.tree_leaves_with_path(state["params"])})
+    step = train.make_train_step(setup, mesh)
+    b = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+    losses = []
+    for _ in range(1):
+      state, m = step(state, b)
+      losses.append(float(m["loss"]))
+    specs = [str(x.sharding.spec) for x in jax.tree.leaves(state["params"])]
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+            jax.tree_util.tree_leaves_with_path(state["params"])}
+    np.savez(tmp_path / f"{name}.npz", **flat)
+    res[name] = {"losses": losses, "fsdp_leaves": sum("fsdp" in s for s in specs),
+                     "n_devices": len(jax.tree.leaves(state["params"])[0].sharding.device_set)}
   assert res["eight"]["fsdp_leaves"] > 10 and res["one"]["fsdp_leaves"] == 0
   assert res["eight"]["n_devices"] == 8
   np.testing.assert_allclose(res["eight"]["losses"], res["one"]["losses"], rtol=1e-5)
