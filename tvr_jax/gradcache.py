@@ -98,7 +98,7 @@ def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Bat
                    accum_steps: int, *, mesh: Mesh | None = None,
                    param_shardings: PyTree | None = None
                    ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], PyTree]:
-  """`jax.value_and_grad(lambda p: model_of(p).loss(batch), has_aux=True)(params)`, in micro-batches.
+  """`jax.value_and_grad(lambda p: model_of(p).loss(batch), has_aux=True)(params)` in micro-batches.
 
   Args:
     model_of: params -> the model (e.g. `nnx.merge(graphdef, params, rest)`); it must have
