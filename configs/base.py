@@ -60,7 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128             # GLOBAL batch: the same objective on 1, 8 or 256 devices
   c.num_epochs = 5
   c.num_train_steps = -1         # > 0 overrides num_epochs
-  c.accum_steps = 1              # > 1 is refused: see docs/training.md (negatives would shrink)
+  c.accum_steps = 1              # > 1: exact gradient caching in k micro-batches (docs/training.md)
   c.nan_policy = "stop"          # "stop": raise with the step number; "skip": drop that update
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.groups = [(r"^clip/", CLIP_LR), (r".*", NEW_LR)]   # (regex on param path, peak lr)

@@ -1,5 +1,6 @@
 """Tests for the entry point and bad input: unknown keys, missing data/CLIP, indivisible batch,
-refused gradient accumulation, checkpoints of another model size or corrupt, zero-shot evaluation."""
+indivisible gradient-caching micro-batches, checkpoints of another model size or corrupt,
+zero-shot evaluation."""
 
 import json
 import os
@@ -52,8 +53,8 @@ def test_unknown_key_in_config_file_and_bad_values():
   with pytest.raises(train.ConfigError, match="header must be one of .*'seqLSTM'"):
     train.validate_config(c)
   c = base.get_base_config()
-  c.accum_steps = 4
-  with pytest.raises(ValueError, match="accum_steps=4 is not supported.*1/4 of the negatives"):
+  c.accum_steps = 3   # gradient caching: the global batch (128) must split into 3 micro-batches
+  with pytest.raises(ValueError, match="accum_steps=3.*does not split into accum_steps=3"):
     train.validate_config(c)
   c = base.get_base_config()
   c.nan_policy = "ignore"

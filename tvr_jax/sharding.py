@@ -16,7 +16,8 @@ This is the one module that owns the JAX sharding API (so an upgrade is one edit
   materialised whole, and ahead-of-time compilation lowers against the same abstract tree.
 
 Batches are sharded over both mesh axes on their leading dimension (FSDP devices also split the
-batch); `batch_sharding` gives that sharding and `data_parallel_size` the number of shards.
+batch); `batch_sharding` gives that sharding, `data_parallel_size` the number of shards and
+`microbatch_sharding` the sharding of a batch cut into gradient-caching micro-batches.
 """
 
 from __future__ import annotations
@@ -91,6 +92,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Sharding of a batch array: leading dimension over ('data', 'fsdp'), the rest replicated."""
   del ndim  # trailing dimensions are implicitly replicated
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a batch cut into micro-batches, [k, B/k, ...]: axis 1 over ('data', 'fsdp').
+
+  Each micro-batch (a slice along axis 0) is spread over every data-parallel shard
+  (`tvr_jax.gradcache`).
+  """
+  return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

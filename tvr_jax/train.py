@@ -46,6 +46,7 @@ from flax import nnx
 from tvr_jax import checkpointing
 from tvr_jax import data as data_lib
 from tvr_jax import evaluate as evaluate_lib
+from tvr_jax import gradcache
 from tvr_jax import optimizer as optimizer_lib
 from tvr_jax import reporting
 from tvr_jax import sharding
@@ -73,20 +74,34 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
   if config.nan_policy not in ("stop", "skip"):
     raise ConfigError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
-  if config.accum_steps != 1:
-    raise ConfigError(
-        f"config.accum_steps={config.accum_steps} is not supported: accumulating gradients over "
-        "micro-batches would compute NegNCE / InfoNCE / TPM-CL over each micro-batch, i.e. with "
-        f"1/{config.accum_steps} of the negatives, which is a different objective from the "
-        "global-batch recipe. Use more devices (the global batch is split over them and the loss "
-        "still spans it) or `remat=True` / `dtype='bfloat16'` to fit the batch in memory. "
-        "See docs/training.md.")
+  _check_accum_steps(config)
   if config.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
   try:
     build_lib.retrieval_config(config)   # the model's own checks (header, loss, partial type)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from e
+
+
+def _check_accum_steps(config: ml_collections.ConfigDict) -> None:
+  """accum_steps (gradient caching): a positive integer that splits the global batch evenly.
+
+  Every micro-batch spreads over all data-parallel shards, so the global batch must be a multiple
+  of accum_steps x shards. The shard count comes from `config.mesh` over the visible devices; a
+  mesh that does not fit them is reported by `sharding.make_mesh`, and the compiled step checks
+  the batch it gets again.
+  """
+  if config.accum_steps == 1:
+    return
+  try:
+    shards = math.prod(sharding.mesh_shape(config.mesh.to_dict(), jax.device_count()))
+  except ValueError:
+    shards = 1
+  try:
+    gradcache.check_split(config.batch_size, config.accum_steps, shards)
+  except ValueError as e:
+    raise ConfigError(f"config.accum_steps={config.accum_steps!r}, config.batch_size="
+                      f"{config.batch_size}: {e}") from e
 
 
 def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -202,17 +217,25 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 
 def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: str = "stop",
-                    clamp_logit_scale: bool = True) -> Callable[[State, dict], tuple[State, dict]]:
+                    clamp_logit_scale: bool = True,
+                    accum_steps: int = 1) -> Callable[[State, dict], tuple[State, dict]]:
   """The jitted update: loss and gradients on the global batch, optimizer, finiteness bookkeeping.
 
   The batch arrays are global `jax.Array`s sharded over the mesh's data axes; the model computes the
   similarity matrix on them as if on one device (`S = text @ video.T` over the whole batch) and the
   compiler inserts the all-gathers, so every device's loss sees all B negatives.
 
+  With `accum_steps` k > 1 the same loss and gradients come from exact gradient caching
+  (`tvr_jax.gradcache`): the towers run on k micro-batches of B/k (twice: features, then their
+  gradients), the head once on the whole batch; one optimizer step. B must be a multiple of
+  k x the data-parallel shards (ConfigError when the step is first traced).
+
   With `nan_policy="skip"` a step whose loss or gradients are not finite leaves parameters and
   optimizer state unchanged (the step counter still advances); with "stop" the update is applied
   and the loop raises at its next check, naming the step (`first_nonfinite`).
   """
+  if not isinstance(accum_steps, int) or isinstance(accum_steps, bool) or accum_steps < 1:
+    raise ConfigError(f"config.accum_steps={accum_steps!r}: use a positive integer")
   graphdef, tx = setup.graphdef, setup.tx
   schedules = list(setup.schedules.items())
   batch_spec = sharding.batch_sharding(mesh)
@@ -228,7 +251,17 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
       total, terms = model.loss(batch)
       return total, terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    if accum_steps == 1:
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    else:
+      batch_size = jax.tree.leaves(batch)[0].shape[0]
+      try:
+        gradcache.check_split(batch_size, accum_steps, sharding.data_parallel_size(mesh))
+      except ValueError as e:
+        raise ConfigError(f"config.accum_steps={accum_steps}: {e}") from e
+      (loss, terms), grads = gradcache.value_and_grad(
+          lambda p: _merge(graphdef, p, rest), state["params"], batch, accum_steps, mesh=mesh,
+          param_shardings=setup.shardings["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if clamp_logit_scale:
@@ -585,7 +618,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---- update step -------------------------------------------------------------------------------
   train_step = make_train_step(setup, mesh, nan_policy=config.nan_policy,
-                               clamp_logit_scale=config.optimizer.clamp_logit_scale)
+                               clamp_logit_scale=config.optimizer.clamp_logit_scale,
+                               accum_steps=config.accum_steps)
 
   # ---- loop --------------------------------------------------------------------------------------
   step = int(jax.device_get(state["step"]))

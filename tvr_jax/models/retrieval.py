@@ -4,6 +4,7 @@
     frames [B, F, H, W, 3] -> encode_video -> (visual tokens [B, F, D] after header, mask [B, F])
     similarity(text, video) -> S [Bt, Bv]     (the same S at train and test time)
     loss(batch) -> (NegNCE or InfoNCE + tpm_weight * L_TPM, {term: value})
+                = loss_from_features(encode_for_loss(batch))   (towers | head, for gradient caching)
 
 All features handed to the head are float32 and L2-normalised: the release normalises the text
 features and the per-frame features, then applies the temporal header and does not normalise its
@@ -263,10 +264,36 @@ class RetrievalModel(nnx.Module):
       (total, terms): total = contrastive + tpm_weight * tpm; terms holds `negnce` or `infonce`,
       `tpm` and its parts `tpm/T1`, `tpm/T2`, `tpm/T3` (those the partial type uses).
     """
-    text = self.encode_text(batch["text_ids"], batch.get("keyword_mask"))
+    return self.loss_from_features(self.encode_for_loss(batch))
+
+  def encode_for_loss(self, batch: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
+    """The towers' part of `loss`: per-sample features, so a batch can be encoded in pieces.
+
+    Row i of every output depends on row i of the batch only (gradient caching encodes
+    micro-batches and concatenates the rows).
+
+    Args:
+      batch: as for `loss`.
+
+    Returns:
+      `sent` [B, D], `words` [B, L, D], `text_mask` [B, L] int32, `frames` [B, F, D] (per-frame
+      features BEFORE the temporal header; TPM-CL reads them there) and `frame_mask` [B, F].
+    """
+    sent, words, text_mask = self.encode_text(batch["text_ids"], batch.get("keyword_mask"))
     frame_mask = batch["frame_mask"]
-    pre_header = self.frame_tokens(batch["frames"], frame_mask)
-    return self.head_loss(text, pre_header, frame_mask)
+    return {"sent": sent, "words": words, "text_mask": text_mask,
+            "frames": self.frame_tokens(batch["frames"], frame_mask), "frame_mask": frame_mask}
+
+  def loss_from_features(self, features: Mapping[str, jax.Array]
+                         ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """The head's part of `loss` on the whole batch of `encode_for_loss` features.
+
+    Temporal header, similarity matrix, NegNCE / InfoNCE and TPM-CL: every term that couples
+    samples (negatives, hard-negative set) is here, at `head_precision`. Returns (total, terms)
+    as `loss`.
+    """
+    text = (features["sent"], features["words"], features["text_mask"])
+    return self.head_loss(text, features["frames"], features["frame_mask"])
 
   def head_loss(self, text_feats: TextFeatures, frame_tokens: jax.Array, frame_mask: jax.Array
                 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
