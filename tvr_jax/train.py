@@ -95,7 +95,8 @@ def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return data_lib.TrainIterator(
       split, global_batch_size=config.batch_size, caption_mode=config.train_caption_mode,
       context_length=config.max_words, seed=config.seed, sharding=sharding.batch_sharding(mesh),
-      worker_count=config.num_workers, cache=datasets.frame_cache(config, split))
+      worker_count=config.num_workers, cache=datasets.frame_cache(config, split),
+      keyword_weighting=bool(config.model.keyword_weighting))
 
 
 # ==================================================================================================

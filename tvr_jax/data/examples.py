@@ -3,7 +3,7 @@
 An example is a dict of NumPy values:
   frames uint8 `[F, R, R, 3]`, frame_mask int32 `[F]`, video_index int32 `[]`, and, after
   `MakeText`, text_ids int32 `[L]` and caption_index int32 `[]` (the caption's position in the
-  split's "all" table, -1 for a paragraph).
+  split's "all" table, -1 for a paragraph), plus keyword_mask int32 `[L]` when asked for.
 Frames are decoded inside `__getitem__`, i.e. in Grain's worker processes.
 """
 
@@ -78,15 +78,19 @@ class MakeText(grain.RandomMapTransform):
   mode "random": a caption drawn with Grain's per-record generator (seeded from the sampler seed
   and the record's position, so the draw is reproducible and differs between epochs);
   "all": the caption in `slot`; "paragraph": every caption joined with a space.
+  With `keyword_mask=True` it also adds keyword_mask int32 `[L]` (`tvr_jax.keywords`: 1 on the
+  BPE tokens of keywords, aligned with text_ids), for keyword weighting.
   """
 
-  def __init__(self, captions: Sequence[Sequence[str]], mode: str, context_length: int):
+  def __init__(self, captions: Sequence[Sequence[str]], mode: str, context_length: int,
+               keyword_mask: bool = False):
     if mode not in CAPTION_MODES:
       raise ValueError(f"caption_mode {mode!r} not in {CAPTION_MODES}")
     self._captions = captions
     self._offsets = np.cumsum([0] + [len(c) for c in captions]).astype(np.int64)
     self._mode = mode
     self._context_length = int(context_length)
+    self._keyword_mask = bool(keyword_mask)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     from tvr_jax.tokenizer import tokenize  # imported in the worker, loads the vocabulary once
@@ -103,5 +107,8 @@ class MakeText(grain.RandomMapTransform):
         slot = int(rng.integers(len(caps)))
       text, caption_index = caps[slot], int(self._offsets[j] + slot)
     element["text_ids"] = tokenize([text], context_length=self._context_length)[0]
+    if self._keyword_mask:
+      from tvr_jax.keywords import keyword_mask  # loads the tagger in the worker, once
+      element["keyword_mask"] = keyword_mask([text], self._context_length)[0]
     element["caption_index"] = np.int32(caption_index)
     return element

@@ -5,6 +5,7 @@
                        seed=0, sharding=tvr_jax.sharding.batch_sharding(mesh), worker_count=8)
     batch = next(it)   # frames uint8 [B, F, R, R, 3], frame_mask int32 [B, F],
                        # text_ids int32 [B, L], video_index int32 [B], caption_index int32 [B]
+                       # (+ keyword_mask int32 [B, L] with keyword_weighting=True)
     state = it.get_state()      # JSON-ready dict: position after the last batch returned
     it.set_state(state)         # the next batch is the one that followed `state`
 
@@ -39,7 +40,7 @@ class TrainIterator:
                context_length: int, seed: int, sharding=None, worker_count: int = 0,
                worker_buffer_size: int = 2, read_threads: int = 4,
                cache: FrameCache | None = None, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, keyword_weighting: bool = False):
     """Builds the Grain loader; nothing is read until the first `next`.
 
     Args:
@@ -55,6 +56,9 @@ class TrainIterator:
       cache: a filled `FrameCache` of this split (decoded frames in RAM), or None to decode JPEGs.
       process_index, process_count: this process's share (default: from JAX); tests simulate
         several processes by passing them.
+      keyword_weighting: also give `keyword_mask` int32 [B, L] (1 on the BPE tokens of keywords,
+        `tvr_jax.keywords.keyword_mask`), for a model with `keyword_weighting` on. Off: no key,
+        no tagging. It does not change the order of the batches.
     """
     if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**32):
       raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
@@ -82,7 +86,8 @@ class TrainIterator:
         data_source=ExampleSource(split, video, slot, cache=cache),
         sampler=grain.IndexSampler(self.num_examples, shard_options=shard, shuffle=True,
                                    num_epochs=None, seed=int(seed)),
-        operations=[MakeText(split.captions, caption_mode, context_length),
+        operations=[MakeText(split.captions, caption_mode, context_length,
+                             keyword_mask=keyword_weighting),
                     grain.Batch(local, drop_remainder=True)],
         worker_count=worker_count, worker_buffer_size=worker_buffer_size, shard_options=shard,
         # Read-ahead of one local batch per worker: at 12x224^2 an example is 1.8 MB, so Grain's

@@ -50,8 +50,9 @@ class RetrievalConfig:
     renormalize_after_header: CLIP4Clip's re-normalisation after the header (release: off).
     textual_attention: sentence + word branches ("att_ti"); off = sentence branch only.
     visual_attention: frame-to-frame term in the text-to-video maxima ("nfc").
-    keyword_weighting: text mask 2 on keywords; needs `keyword_mask` in the batch. Off by default:
-      no offline English POS tagger ships with the environment, so keywords are not found here.
+    keyword_weighting: text mask 2 on keywords; needs `keyword_mask` in the batch, made by
+      `tvr_jax.keywords.keyword_mask` (offline English POS tagger; training batches carry it when
+      this is on). Off by default.
     token_weights: learned "wti" token weights (DRL style) instead of uniform averages.
     contrastive_loss: "negnce" (default) or "infonce" (both with fixed scale 100).
     partial_type: TPM-CL terms, 4 = T1+T2+T3, 2 = T1+T2, 3 = T3, 0 = off.
