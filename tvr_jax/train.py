@@ -46,6 +46,8 @@ from flax import nnx
 from tvr_jax import checkpointing
 from tvr_jax import data as data_lib
 from tvr_jax import evaluate as evaluate_lib
+from tvr_jax import health
+from tvr_jax import losses
 from tvr_jax import optimizer as optimizer_lib
 from tvr_jax import reporting
 from tvr_jax import sharding
@@ -73,6 +75,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
   if config.nan_policy not in ("stop", "skip"):
     raise ConfigError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
+  if config.saturation_policy not in health.POLICIES or config.saturation_window < 1:
+    raise ConfigError(f"config.saturation_policy={config.saturation_policy!r} / saturation_window="
+                      f"{config.saturation_window}: use one of {health.POLICIES} and >= 1 step")
   if config.accum_steps != 1:
     raise ConfigError(
         f"config.accum_steps={config.accum_steps} is not supported: accumulating gradients over "
@@ -224,10 +229,11 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
 
     def loss_fn(params):
       model = _merge(graphdef, params, rest)
-      total, terms = model.loss(batch)
+      total, terms = model.loss(batch, health=True)
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    saturated = terms.pop(losses.SATURATION_KEY)   # a health indicator, not a loss term
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if clamp_logit_scale:
@@ -243,7 +249,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
                      nonfinite_steps=state["nonfinite_steps"] + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
                "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-               "skipped": (~finite).astype(jnp.int32),
+               "skipped": (~finite).astype(jnp.int32), "saturated": saturated,
                "nonfinite_steps_total": new_state["nonfinite_steps"]}
     for i, (pattern, schedule) in enumerate(schedules):
       metrics[f"lr/group{i}"] = schedule(state["step"])
@@ -454,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Console metric lines at most once per epoch (the progress bar shows loss and clips/s live);
   # every `log_every` steps go to the log file and TensorBoard.
   console_every = max(config.log_every, steps_per_epoch)
+  guard = health.SaturationGuard(config.saturation_window, config.saturation_policy)
   try:
     with _Preemption() as preemption:
       while step < total_steps:
@@ -477,6 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if step % console_every == 0 or is_last:
             reporting.say(_metric_line(step, total_steps, metrics))
           reporting.write_scalars(writer, step, {f"train/{k}": v for k, v in metrics.items()})
+          guard.check(step, metrics)   # one console line (or a stop) on a saturated window
         eval_metrics = None
         if is_last or (eval_every > 0 and step % eval_every == 0):
           _check_finite(state, config)
