@@ -11,7 +11,9 @@ Steps (also run periodically during training by `tvr_jax.train`):
    memory-bounded scorer (`tvr_jax.scoring`); the same S as in training.
 3. metrics (`tvr_jax.metrics`): R@1/5/10, MdR, MnR both directions; several captions per video
    use the multi-caption protocol (docs/method.md §7); dual-softmax (DSL) rows are separate (`dsl/...`).
-4. report: a console table, `eval_step_<N>.json` in the workdir, TensorBoard scalars `eval/...`.
+4. report: a console table, `eval_step_<N>.json` in the workdir, TensorBoard scalars `eval/...`;
+   with `config.eval_save_scores` also `scores_step_<N>.npz` (sim [Nt, Nv], caption_to_video [Nt],
+   video_ids [Nv]).
 """
 
 from __future__ import annotations
@@ -160,6 +162,10 @@ class Evaluator:
           json.dump(report, f, indent=2)
         os.replace(path + ".tmp", path)
       reporting.write_scalars(self.writer, step, {f"eval/{k}": v for k, v in results.items()})
+      if self.workdir and self.config.eval_save_scores:
+        # The whole matrix, for per-query analyses outside the product (benchmarks/ablation.py).
+        np.savez(os.path.join(self.workdir, f"scores_step_{step}.npz"), sim=np.asarray(sim),
+                 caption_to_video=np.asarray(caption_video), video_ids=np.asarray(self.split.video_ids))
     return results
 
 
