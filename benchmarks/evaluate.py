@@ -247,7 +247,7 @@ def main(argv=None):
       [f"encode captions, full length {words} (old)", f"{text_old:.1f}", f"{floor(flops_old):.1f}",
        f"{text_old / floor(flops_old):.2f}", f"extrapolated from 4 batches of {bt}"],
       ["encode captions, length buckets (new)", f"{text_new:.1f}", f"{floor(flops_new):.1f}",
-       f"{text_new / floor(flops_new):.2f}", f"extrapolated from 4 batches per width"],
+       f"{text_new / floor(flops_new):.2f}", "extrapolated from 4 batches per width"],
   ]
   for nd, sc in scores.items():
     s_full = sc["s"] * args.captions / n_score

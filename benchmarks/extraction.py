@@ -79,8 +79,8 @@ def main() -> None:
       list(frames.extract_many([(0, tiny, None)], options, workers=workers, progress=False))
       print(f"start-up + one 1-s 64x48 video with {workers} worker(s): "
             f"{time.perf_counter() - t0:.2f} s (included in the rows below)")
-    print(f"| workers | videos | decoded frames | sampled frames | seconds | decoded frames/s "
-          f"| sampled frames/s | videos/s |")
+    print("| workers | videos | decoded frames | sampled frames | seconds | decoded frames/s "
+          "| sampled frames/s | videos/s |")
     print("|---|---|---|---|---|---|---|---|")
     for workers in sorted({1, max(1, args.workers)}):
       jobs = [(i, p, None) for i, p in enumerate(paths)]

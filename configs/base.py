@@ -44,6 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.header = "meanP"       # temporal header: "meanP" | "seqTransf"
   c.model.header_layers = 4
   c.model.renormalize_after_header = False   # CLIP4Clip re-normalises; the release does not
+  c.model.pooled_video = False   # True: CLIP4Clip meanP (one mean-pooled video token), the baseline
   c.model.textual_attention = True
   c.model.visual_attention = True
   c.model.keyword_weighting = False
@@ -62,6 +63,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1         # > 0 overrides num_epochs
   c.accum_steps = 1              # > 1: exact gradient caching in k micro-batches (docs/training.md)
   c.nan_policy = "stop"          # "stop": raise with the step number; "skip": drop that update
+  c.saturation_policy = "warn"   # saturated NegNCE/InfoNCE for a window: "warn" (one line) | "stop" | "off"
+  c.saturation_window = 100      # steps (checked at log steps) a saturated stretch must span
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.groups = [(r"^clip/", CLIP_LR), (r".*", NEW_LR)]   # (regex on param path, peak lr)
   c.optimizer.b1 = 0.9
@@ -93,6 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_length_buckets = (8, 16, 24)
   c.eval_lower_median = False    # multi-caption t2v MdR: lower middle value (CLIP4Clip, torch.median)
   c.dsl = True                   # also report dual-softmax (DSL) rows, labelled separately
+  c.eval_save_scores = False     # also write WORKDIR/scores_step_<N>.npz (the whole S, video ids)
   c.eval_checkpoint = ""         # mode=eval: checkpoint step dir (default: latest in workdir)
   # Comma-separated recorded keys a resume (or mode=eval) may change from the checkpoint's values,
   # e.g. "num_train_steps,optimizer.weight_decay". Checkpoints record every key that defines the

@@ -25,6 +25,10 @@ def get_config(arg: str = ""):
   c.cache_frames = True          # ~10 MB of decoded frames: decode once
   c.num_workers = 0              # small batches: reading in the main process is fastest here
 
+  # seqTransf (--config.model.header=seqTransf) is initialised from scratch here (embed width 32 !=
+  # text width 64) and needs its output re-normalised, else NegNCE saturates at chance; meanP
+  # ignores the flag.
+  c.model.renormalize_after_header = True
   c.init_from = ""               # from scratch ...
   c.clip_preset = "tiny-64"      # ... tiny CLIP with 64 px input and 16 px patches (see train.py)
   c.optimizer.groups = [(r".*", 1e-3)]   # everything is new here: one group

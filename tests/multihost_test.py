@@ -7,7 +7,6 @@ processes (Grain sharding, gathered iterator states in the checkpoint, multi-hos
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from tvr_jax import optimizer
 from tvr_jax.models.clip import CLIPConfig

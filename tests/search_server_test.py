@@ -5,7 +5,6 @@ test-artifacts/, an HTML-injection query rendered as text)."""
 import http.client
 import json
 import os
-import shutil
 import threading
 
 import pytest

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tvr_jax.tree_paths import check_same_leaves, flatten_params, path_str
+from tvr_jax.tree_paths import check_same_leaves, flatten_params
 
 PyTree = Any
 

@@ -19,7 +19,9 @@ Steps (also run periodically during training by `tvr_jax.train`):
    statistics are gathered. Several captions per video use the multi-caption protocol
    (docs/method.md §7); dual-softmax (DSL) rows are separate (`dsl/...`); `eval_lower_median`
    selects CLIP4Clip's lower-middle MdR for multi-caption text-to-video.
-4. report: a console table, `eval_step_<N>.json` in the workdir, TensorBoard scalars `eval/...`.
+4. report: a console table, `eval_step_<N>.json` in the workdir, TensorBoard scalars `eval/...`;
+   with `config.eval_save_scores` also `scores_step_<N>.npz` (sim [Nt, Nv], caption_to_video [Nt],
+   video_ids [Nv]).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class Evaluator:
     self.workdir = workdir
     self.writer = writer
     self.retrieval = build_lib.retrieval_config(config)
+    if config.eval_save_scores and jax.process_count() > 1:
+      raise ValueError("config.eval_save_scores writes the whole similarity matrix from one "
+                       "process; with several processes each holds only its rows: turn it off")
     split = datasets.open_split(config, config.eval_split)
     if config.eval_max_examples > 0 and config.eval_max_examples < split.num_videos:
       split = datasets.subset_split(split, config.eval_max_examples)
@@ -197,6 +202,14 @@ class Evaluator:
           json.dump(report, f, indent=2)
         os.replace(path + ".tmp", path)
       reporting.write_scalars(self.writer, step, {f"eval/{k}": v for k, v in results.items()})
+      if self.workdir and self.config.eval_save_scores:
+        # The whole matrix, for per-query analyses outside the product (benchmarks/ablation.py);
+        # one process holds every row then (checked in __init__).
+        sim = np.zeros((self.data.num_captions, self.data.num_videos), np.float32)
+        sim[rows] = sim_rows
+        np.savez(os.path.join(self.workdir, f"scores_step_{step}.npz"), sim=sim,
+                 caption_to_video=np.asarray(caption_video),
+                 video_ids=np.asarray(self.split.video_ids))
     return results
 
 

@@ -96,7 +96,8 @@ def _split_features(features: Features) -> tuple[Features, Features]:
 
 def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Batch,
                    accum_steps: int, *, mesh: Mesh | None = None,
-                   param_shardings: PyTree | None = None
+                   param_shardings: PyTree | None = None,
+                   loss_kwargs: dict[str, Any] | None = None
                    ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], PyTree]:
   """`jax.value_and_grad(lambda p: model_of(p).loss(batch), has_aux=True)(params)` in micro-batches.
 
@@ -111,6 +112,7 @@ def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Bat
     mesh: when given, micro-batches and features are constrained to the batch sharding over it.
     param_shardings: when given (a tree like `params` of shardings), the gradient accumulator is
       kept in them (FSDP: each device holds its shards of the sum only).
+    loss_kwargs: keyword arguments of `loss_from_features` (e.g. `health=True`).
 
   Returns:
     ((total, terms), grads), as `jax.value_and_grad(..., has_aux=True)`.
@@ -141,7 +143,7 @@ def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Bat
   floats, ints = _split_features(features)
 
   def head(p, f):
-    return model_of(p).loss_from_features({**f, **ints})
+    return model_of(p).loss_from_features({**f, **ints}, **(loss_kwargs or {}))
 
   (total, terms), (head_grads, feature_grads) = jax.value_and_grad(
       head, argnums=(0, 1), has_aux=True)(params, floats)

@@ -73,3 +73,31 @@ def infonce(sim: jax.Array, scale: float = SCALE) -> jax.Array:
 def infonce_symmetric(sim: jax.Array, scale: float = SCALE) -> jax.Array:
   """(InfoNCE(S) + InfoNCE(S^T)) / 2."""
   return 0.5 * (infonce(sim, scale) + infonce(sim.T, scale))
+
+
+SATURATION_KEY = "saturated"
+
+
+def saturated_fraction(sim: jax.Array, scale: float = SCALE, clip_eps: float = CLIP_EPS) -> jax.Array:
+  """Fraction of queries (rows of S and of S^T) whose scaled softmax is saturated on a wrong match.
+
+  A query is saturated when its positive's probability is at or below `clip_eps` and every entry
+  of its row sits at a clip bound (<= eps or >= 1 - eps): NegNCE then clips all of it and gives the
+  row no gradient (its loss is -log eps), and InfoNCE is as stuck in practice. A healthy model that
+  is confident on the RIGHT match is not counted. Cheap (one softmax of S), not differentiated.
+
+  Args:
+    sim: [B, B] similarity matrix (rows = texts, columns = videos, diagonal = positives).
+
+  Returns:
+    float32 scalar in [0, 1].
+  """
+  _check_square(sim)
+  s = jax.lax.stop_gradient(sim).astype(jnp.float32)
+
+  def rows(x):
+    p = jax.nn.softmax(scale * x, axis=-1)
+    at_bound = jnp.all((p <= clip_eps) | (p >= 1 - clip_eps), axis=-1)
+    return at_bound & (jnp.diagonal(p) <= clip_eps)
+
+  return 0.5 * (jnp.mean(rows(s)) + jnp.mean(rows(s.T)))

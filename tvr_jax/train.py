@@ -26,13 +26,12 @@ step a plain `jax.jit` function with a donated state (cheaper per call than `nnx
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -47,6 +46,8 @@ from tvr_jax import checkpointing
 from tvr_jax import data as data_lib
 from tvr_jax import evaluate as evaluate_lib
 from tvr_jax import gradcache
+from tvr_jax import health
+from tvr_jax import losses
 from tvr_jax import optimizer as optimizer_lib
 from tvr_jax import reporting
 from tvr_jax import sharding
@@ -74,6 +75,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
   if config.nan_policy not in ("stop", "skip"):
     raise ConfigError(f"config.nan_policy={config.nan_policy!r}: use 'stop' or 'skip'")
+  if config.saturation_policy not in health.POLICIES or config.saturation_window < 1:
+    raise ConfigError(f"config.saturation_policy={config.saturation_policy!r} / saturation_window="
+                      f"{config.saturation_window}: use one of {health.POLICIES} and >= 1 step")
   _check_accum_steps(config)
   if config.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
@@ -248,7 +252,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
 
     def loss_fn(params):
       model = _merge(graphdef, params, rest)
-      total, terms = model.loss(batch)
+      total, terms = model.loss(batch, health=True)
       return total, terms
 
     if accum_steps == 1:
@@ -261,7 +265,8 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
         raise ConfigError(f"config.accum_steps={accum_steps}: {e}") from e
       (loss, terms), grads = gradcache.value_and_grad(
           lambda p: _merge(graphdef, p, rest), state["params"], batch, accum_steps, mesh=mesh,
-          param_shardings=setup.shardings["params"])
+          param_shardings=setup.shardings["params"], loss_kwargs={"health": True})
+    saturated = terms.pop(losses.SATURATION_KEY)   # a health indicator, not a loss term
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if clamp_logit_scale:
@@ -277,7 +282,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
                      nonfinite_steps=state["nonfinite_steps"] + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
                "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-               "skipped": (~finite).astype(jnp.int32),
+               "skipped": (~finite).astype(jnp.int32), "saturated": saturated,
                "nonfinite_steps_total": new_state["nonfinite_steps"]}
     for i, (pattern, schedule) in enumerate(schedules):
       metrics[f"lr/group{i}"] = schedule(state["step"])
@@ -413,7 +418,7 @@ RESUME_FREE_KEYS = frozenset({
     "dtype", "remat", "attention_impl",   # how to compute, not what (build_lib.COMPUTE_FIELDS)
     "sharding_rules", "min_fsdp_size", "nan_policy",
     "log_every", "progress_bar", "checkpoint_every", "keep_checkpoints", "best_metric",
-    "async_checkpoints",
+    "async_checkpoints", "saturation_policy", "saturation_window", "eval_save_scores",
 })
 RESUME_FREE_PREFIXES = ("mesh.",)
 
@@ -632,6 +637,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Console metric lines at most once per epoch (the progress bar shows loss and clips/s live);
   # every `log_every` steps go to the log file and TensorBoard.
   console_every = max(config.log_every, steps_per_epoch)
+  guard = health.SaturationGuard(config.saturation_window, config.saturation_policy)
   try:
     with _Preemption() as preemption:
       while step < total_steps:
@@ -655,6 +661,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if step % console_every == 0 or is_last:
             reporting.say(_metric_line(step, total_steps, metrics))
           reporting.write_scalars(writer, step, {f"train/{k}": v for k, v in metrics.items()})
+          guard.check(step, metrics)   # one console line (or a stop) on a saturated window
         eval_metrics = None
         if is_last or (eval_every > 0 and step % eval_every == 0):
           _check_finite(state, config)

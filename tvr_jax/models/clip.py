@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 # flatten_params / unflatten_params are re-exported: converters and tests address CLIP weights by them.

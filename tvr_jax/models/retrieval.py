@@ -47,8 +47,12 @@ class RetrievalConfig:
 
   Attributes:
     header: temporal header, "meanP" (default) or "seqTransf".
-    header_layers: seqTransf blocks (copied from CLIP text blocks 0..n-1).
-    renormalize_after_header: CLIP4Clip's re-normalisation after the header (release: off).
+    header_layers: seqTransf blocks (copied from CLIP text blocks 0..n-1 when the widths match).
+    renormalize_after_header: CLIP4Clip's re-normalisation after seqTransf (release: off; needed
+      for a seqTransf trained from scratch, see `tvr_jax.models.temporal`). No effect on meanP.
+    pooled_video: CLIP4Clip's meanP baseline: a video is ONE token, the re-normalised mean of its
+      real frames' tokens after the header. With textual and visual attention off the similarity
+      is then exactly CLIP4Clip's sentence-video cosine (the ablation grid's baseline row).
     textual_attention: sentence + word branches ("att_ti"); off = sentence branch only.
     visual_attention: frame-to-frame term in the text-to-video maxima ("nfc").
     keyword_weighting: text mask 2 on keywords; needs `keyword_mask` in the batch, made by
@@ -70,6 +74,7 @@ class RetrievalConfig:
   header: str = "meanP"
   header_layers: int = 4
   renormalize_after_header: bool = False
+  pooled_video: bool = False
   textual_attention: bool = True
   visual_attention: bool = True
   keyword_weighting: bool = False
@@ -233,7 +238,17 @@ class RetrievalModel(nnx.Module):
     """
     tokens = self.frame_tokens(frames, frame_mask)
     with dmae.head_precision_scope(self.config.head_precision):
-      return self.header(tokens, frame_mask).astype(jnp.float32), frame_mask
+      return self._video_tokens(tokens, frame_mask)
+
+  def _video_tokens(self, pre_header: jax.Array, frame_mask: jax.Array) -> VideoFeatures:
+    """Per-frame tokens [B, F, D] -> header output, mean-pooled to [B, 1, D] with `pooled_video`."""
+    tokens = self.header(pre_header, frame_mask).astype(jnp.float32)
+    if not self.config.pooled_video:
+      return tokens, frame_mask
+    m = frame_mask.astype(jnp.float32)[..., None]
+    mean = jnp.sum(tokens * m, axis=1, keepdims=True) / jnp.maximum(
+        jnp.sum(m, axis=1, keepdims=True), 1)
+    return dmae.l2_normalize(mean), jnp.max(frame_mask, axis=1, keepdims=True)
 
   # --------------------------------------------------------------------------------------------
   # Similarity and loss
@@ -253,18 +268,22 @@ class RetrievalModel(nnx.Module):
       return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
                                   frame_weights=frame_w, **self.similarity_kwargs())
 
-  def loss(self, batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def loss(self, batch: Mapping[str, jax.Array], *,
+           health: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Training loss on a batch of matched (text, video) pairs.
 
     Args:
       batch: `text_ids` int32 [B, L], `frames` [B, F, H, W, 3] (uint8 or CLIP-normalised float),
         `frame_mask` [B, F]; `keyword_mask` [B, L] when keyword weighting is on.
+      health: also return the saturation indicator (the trainer's health guard reads it).
 
     Returns:
       (total, terms): total = contrastive + tpm_weight * tpm; terms holds `negnce` or `infonce`,
-      `tpm` and its parts `tpm/T1`, `tpm/T2`, `tpm/T3` (those the partial type uses).
+      `tpm` and its parts `tpm/T1`, `tpm/T2`, `tpm/T3` (those the partial type uses); with
+      `health`, also `losses.SATURATION_KEY` (`losses.saturated_fraction(S)`: not a loss, no part
+      of total, no gradient).
     """
-    return self.loss_from_features(self.encode_for_loss(batch))
+    return self.loss_from_features(self.encode_for_loss(batch), health=health)
 
   def encode_for_loss(self, batch: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     """The towers' part of `loss`: per-sample features, so a batch can be encoded in pieces.
@@ -284,7 +303,7 @@ class RetrievalModel(nnx.Module):
     return {"sent": sent, "words": words, "text_mask": text_mask,
             "frames": self.frame_tokens(batch["frames"], frame_mask), "frame_mask": frame_mask}
 
-  def loss_from_features(self, features: Mapping[str, jax.Array]
+  def loss_from_features(self, features: Mapping[str, jax.Array], *, health: bool = False
                          ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The head's part of `loss` on the whole batch of `encode_for_loss` features.
 
@@ -293,35 +312,37 @@ class RetrievalModel(nnx.Module):
     as `loss`.
     """
     text = (features["sent"], features["words"], features["text_mask"])
-    return self.head_loss(text, features["frames"], features["frame_mask"])
+    return self.head_loss(text, features["frames"], features["frame_mask"], health=health)
 
-  def head_loss(self, text_feats: TextFeatures, frame_tokens: jax.Array, frame_mask: jax.Array
-                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def head_loss(self, text_feats: TextFeatures, frame_tokens: jax.Array, frame_mask: jax.Array,
+                *, health: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """`loss` from encoded features: header, S, contrastive loss and TPM-CL, at head_precision.
 
     Args:
       text_feats: `encode_text` output (sentence [B, D], words [B, L, D], mask [B, L]).
       frame_tokens: `frame_tokens` output [B, F, D] (before the temporal header).
       frame_mask: [B, F].
+      health: also return the saturation indicator (see `loss`).
 
     Returns:
       As `loss`.
     """
     with dmae.head_precision_scope(self.config.head_precision):
-      return self._head_loss(text_feats, frame_tokens, frame_mask)
+      return self._head_loss(text_feats, frame_tokens, frame_mask, health)
 
-  def _head_loss(self, text, pre_header, frame_mask):
+  def _head_loss(self, text, pre_header, frame_mask, health):
     cfg = self.config
-    tokens = self.header(pre_header, frame_mask).astype(jnp.float32)
-    sim = self.similarity(text, (tokens, frame_mask))
+    sim = self.similarity(text, self._video_tokens(pre_header, frame_mask))
     if cfg.contrastive_loss == "negnce":
       contrastive = losses.negnce_symmetric(sim)
     else:
       contrastive = losses.infonce_symmetric(sim)
     terms = {cfg.contrastive_loss: contrastive}
+    if health:
+      terms[losses.SATURATION_KEY] = losses.saturated_fraction(sim)
     total = contrastive
     if cfg.partial_type:
-      header = self.header if self.header.kind != "meanP" or cfg.renormalize_after_header else None
+      header = self.header if self.header.kind != "meanP" else None
       tpm, out = tpmcl.tpm_loss(text[0], text[1], pre_header, frame_mask, self.word_predictor,
                                 self.visual_predictor, partial_type=cfg.partial_type,
                                 tau=cfg.tau, delta=cfg.delta, header=header,
