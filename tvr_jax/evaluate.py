@@ -74,22 +74,7 @@ class Evaluator:
         split, global_batch_size=batch, caption_mode=config.eval_caption_mode,
         context_length=config.max_words, sharding=sharding.batch_sharding(mesh),
         worker_count=config.num_workers, cache=datasets.frame_cache(config, split))
-    replicated = sharding.replicated(mesh)
-
-    def video_fn(params, rest, frames, frame_mask):
-      model = nnx.merge(graphdef, params, rest if rest is not None else {})
-      return model.encode_video(frames, frame_mask)
-
-    def text_fn(params, rest, text_ids):
-      model = nnx.merge(graphdef, params, rest if rest is not None else {})
-      if getattr(model, "token_weights", None) is not None:
-        raise ValueError("config.model.token_weights=True ('wti') is not supported by the chunked "
-                         "evaluation yet; evaluate with token_weights=False")
-      return model.encode_text(text_ids)
-
-    # Outputs replicated: every process gets all rows (features are small next to frames).
-    self._encode_video = jax.jit(video_fn, out_shardings=replicated)
-    self._encode_text = jax.jit(text_fn, out_shardings=replicated)
+    self._encode_video, self._encode_text = make_encoders(graphdef, mesh)
 
   def encode(self, state: dict) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """All text features (sent [Nt, D], words [Nt, L, D], mask [Nt, L]) and video features
@@ -161,6 +146,31 @@ class Evaluator:
         os.replace(path + ".tmp", path)
       reporting.write_scalars(self.writer, step, {f"eval/{k}": v for k, v in results.items()})
     return results
+
+
+def make_encoders(graphdef: Any, mesh: jax.sharding.Mesh):
+  """The jitted `(encode_video, encode_text)` of evaluation (also compiled ahead of time).
+
+  `encode_video(params, rest, frames [B, F, R, R, 3], frame_mask [B, F])` -> (tokens [B, F, D],
+  mask [B, F]); `encode_text(params, rest, text_ids [B, L])` -> (sentence [B, D], words
+  [B, L, D], mask [B, L]). Outputs are replicated: every process gets all rows (features are small
+  next to frames).
+  """
+  replicated = sharding.replicated(mesh)
+
+  def video_fn(params, rest, frames, frame_mask):
+    model = nnx.merge(graphdef, params, rest if rest is not None else {})
+    return model.encode_video(frames, frame_mask)
+
+  def text_fn(params, rest, text_ids):
+    model = nnx.merge(graphdef, params, rest if rest is not None else {})
+    if getattr(model, "token_weights", None) is not None:
+      raise ValueError("config.model.token_weights=True ('wti') is not supported by the chunked "
+                       "evaluation yet; evaluate with token_weights=False")
+    return model.encode_text(text_ids)
+
+  return (jax.jit(video_fn, out_shardings=replicated),
+          jax.jit(text_fn, out_shardings=replicated))
 
 
 def _host(x) -> np.ndarray:

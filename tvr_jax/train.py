@@ -215,6 +215,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
   schedules = list(setup.schedules.items())
   batch_spec = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
+  gather = sharding.gather_to_all(mesh)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
     # The model is deterministic today (no dropout); a stochastic one would take
@@ -223,7 +224,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
 
     def loss_fn(params):
       model = _merge(graphdef, params, rest)
-      total, terms = model.loss(batch)
+      total, terms = model.loss(batch, gather=gather)
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

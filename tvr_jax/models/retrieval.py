@@ -13,7 +13,7 @@ item 9).
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from flax import nnx
 import jax
@@ -213,12 +213,19 @@ class RetrievalModel(nnx.Module):
     return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
                                 frame_weights=frame_w, **self.similarity_kwargs())
 
-  def loss(self, batch: Mapping[str, jax.Array]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def loss(self, batch: Mapping[str, jax.Array],
+           gather: Optional[Callable[[Any], Any]] = None
+           ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Training loss on a batch of matched (text, video) pairs.
 
     Args:
       batch: `text_ids` int32 [B, L], `frames` [B, F, H, W, 3] (uint8 or CLIP-normalised float),
         `frame_mask` [B, F]; `keyword_mask` [B, L] when keyword weighting is on.
+      gather: applied once to the per-sample features (text features, frame tokens before the
+        header, frame mask) between the towers and the head. The sharded train step passes a
+        constraint that replicates them, so the towers stay local to each batch shard and the
+        similarity matrix and TPM-CL see the whole global batch after one gather per feature
+        (docs/aot.md); None leaves the placement to the compiler.
 
     Returns:
       (total, terms): total = contrastive + tpm_weight * tpm; terms holds `negnce` or `infonce`,
@@ -228,6 +235,8 @@ class RetrievalModel(nnx.Module):
     text = self.encode_text(batch["text_ids"], batch.get("keyword_mask"))
     frame_mask = batch["frame_mask"]
     pre_header = self.frame_tokens(batch["frames"])
+    if gather is not None:
+      text, pre_header, frame_mask = gather((text, pre_header, frame_mask))
     tokens = self.header(pre_header, frame_mask).astype(jnp.float32)
     sim = self.similarity(text, (tokens, frame_mask))
     if cfg.contrastive_loss == "negnce":
