@@ -86,6 +86,11 @@ def compile_env(base: Mapping[str, str] | None = None, accelerator_type: str = "
              TPU_WORKER_HOSTNAMES="localhost", TPU_SKIP_MDS_QUERY="1", TPU_WORKER_ID="0",
              ALLOW_MULTIPLE_LIBTPU_LOAD="1",
              TF_CPP_MIN_LOG_LEVEL=env.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+  # Without a GPU, XLA cannot autotune Triton GEMM tilings and fails on large float32 dots
+  # ("Couldn't find output tile sizes"); cuBLAS GEMMs compile with heuristic configs.
+  flags = env.get("XLA_FLAGS", "")
+  if "xla_gpu_enable_triton_gemm" not in flags:
+    env["XLA_FLAGS"] = (flags + " --xla_gpu_enable_triton_gemm=false").strip()
   env[_CHILD_ENV] = "1"
   return env
 
@@ -310,12 +315,26 @@ def _result_dims(collective: Collective) -> list[tuple[int, ...]]:
   return dims
 
 
-def classify(collective: Collective, batch_size: int,
+def feature_shapes(batch_size: int, max_words: int, num_frames: int, embed_dim: int
+                   ) -> list[tuple[int, ...]]:
+  """Global shapes of the per-sample features the head gathers: sentence [B, D], words
+  [B, L, D], text mask [B, L], frame tokens [B, F, D], frame mask [B, F]."""
+  b, l, f, d = batch_size, max_words, num_frames, embed_dim
+  return [(b, d), (b, l, d), (b, l), (b, f, d), (b, f)]
+
+
+def _is_feature(dims: tuple[int, ...], features: Sequence[tuple[int, ...]]) -> bool:
+  # A two-axis mesh may gather in a [B / k, k, ...] layout: merge the first two dimensions.
+  merged = (dims[0] * dims[1],) + dims[2:] if len(dims) > 1 else dims
+  return tuple(dims) in features or merged in features
+
+
+def classify(collective: Collective, features: Sequence[tuple[int, ...]],
              param_shapes: Sequence[tuple[int, ...]]) -> str:
   """Role of one train-step collective, read from its shapes (the constants above).
 
-  Feature gathers return arrays whose leading dimension (or the product of the first two: a
-  two-axis mesh may gather in a [B / k, k, ...] layout) is the global batch. Parameter gathers
+  Feature gathers return one of the `feature_shapes` (also in a [B / k, k, ...] layout, which a
+  two-axis mesh may gather in). Parameter gathers
   return as many elements as a parameter (the compiler may reshape or transpose it). Class-token
   rows are [N, 1, W] activations of the last vision block. Reductions are gradient reductions when
   most of their bytes are parameter-sized arrays, scalar reductions when they reduce scalars.
@@ -325,8 +344,7 @@ def classify(collective: Collective, batch_size: int,
   if not dims:
     return UNEXPECTED
   if collective.kind == "all-gather":
-    if all(d and (d[0] == batch_size or (len(d) > 1 and d[0] * d[1] == batch_size))
-           for d in dims):
+    if all(d and _is_feature(d, features) for d in dims):
       return FEATURE_GATHER
     if all(math.prod(d) in sizes for d in dims):
       return PARAMETER_GATHER
@@ -493,7 +511,9 @@ def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None) ->
   report = analyse(f"train step (global batch {batch_size})", lowered, compiled, mesh.size,
                    time.perf_counter() - t0, config.dtype)
   shapes = param_shapes_with_shards(state["params"])
-  report.roles = [classify(c, batch_size, shapes) for c in report.collectives]
+  embed_dim = state["params"]["clip"]["text_projection"].shape[-1]
+  features = feature_shapes(batch_size, config.max_words, config.num_frames, embed_dim)
+  report.roles = [classify(c, features, shapes) for c in report.collectives]
   return report
 
 
