@@ -191,10 +191,15 @@ def _check_fits_and_memory(out: dict, target: str):
   arg, res, alias, temp, code, peak = out["report"]
   assert [arg, res, alias, temp, code] == out["analysis"]
   assert peak == arg + res - alias + temp + code
-  assert arg > 0 and temp > 0 and out["flops"] > 0
+  assert arg > 0 and temp > 0
+  if target.startswith("v"):
+    assert out["flops"] > 0
+    assert any(line.strip().startswith("ESTIMATE (roofline") for line in out["lines"])
+  else:   # XLA:GPU gives no cost analysis without a device: said, not invented
+    assert out["flops"] is None
+    assert any("FLOPs per device: not available" in line for line in out["lines"])
   # The printed peak is that number, against the device's memory.
   assert any(f"peak {peak / aot.GIB:.2f} of" in line for line in out["lines"])
-  assert any(line.strip().startswith("ESTIMATE") for line in out["lines"])
 
 
 # Data parallelism on 4 devices, as docs/aot.md states it: the towers run on each device's batch

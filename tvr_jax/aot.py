@@ -385,7 +385,7 @@ class ProgramReport:
   alias_bytes: int
   temp_bytes: int
   code_bytes: int
-  flops: float               # per device
+  flops: float | None        # per device; None where XLA gives no count (GPU without a device)
   bytes_accessed: float      # per device
   flops_source: str          # "compiled" or "lowered/N" (GPU compiled programs have no cost)
   collectives: list[Collective]
@@ -407,18 +407,19 @@ def analyse(name: str, lowered: Any, compiled: Any, num_devices: int, compile_se
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   source = "compiled"
-  if not cost or "flops" not in cost:
-    # XLA:GPU's compiled executable carries no cost analysis: use the unpartitioned program's
-    # (global) count, split evenly over the devices.
+  if not cost or not cost.get("flops"):
+    # XLA:GPU gives no cost analysis without a device (compiled or lowered: both None); then
+    # FLOPs and bytes are unknown and no time is estimated.
     cost = lowered.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     cost = {k: v / num_devices for k, v in cost.items() if isinstance(v, (int, float))}
-    source = f"lowered/{num_devices}"
+    source = f"lowered/{num_devices}" if cost.get("flops") else "unavailable"
   return ProgramReport(
       name=name, argument_bytes=int(mem.argument_size_in_bytes),
       output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
-      flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+      flops=float(cost["flops"]) if cost.get("flops") else None,
+      bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       flops_source=source, collectives=parse_collectives(compiled.as_text()),
       compile_seconds=compile_seconds, dtype=dtype)
 
@@ -440,8 +441,13 @@ class Estimate:
                (self.network_s, "interconnect"))[1]
 
 
-def estimate(report: ProgramReport, device: DeviceSpec) -> Estimate:
-  """FLOPs over peak, bytes accessed over HBM bandwidth, collective bytes over the link."""
+def estimate(report: ProgramReport, device: DeviceSpec) -> Estimate | None:
+  """FLOPs over peak, bytes accessed over HBM bandwidth, collective bytes over the link.
+
+  None when the program has no FLOP count (XLA:GPU compiled without a device).
+  """
+  if report.flops is None:
+    return None
   peak = device.bf16_flops if report.dtype == "bfloat16" else device.fp32_flops
   net = sum(c.bytes for c in report.collectives)
   return Estimate(report.flops / peak, report.bytes_accessed / device.hbm_bytes_per_s,
@@ -594,8 +600,10 @@ def format_report(report: ProgramReport, target: Target, *, details: bool = Fals
       f"{_gib(report.output_bytes)} (aliased to donated arguments {_gib(report.alias_bytes)}), "
       f"temporaries {_gib(report.temp_bytes)}, code {_gib(report.code_bytes)}; peak "
       f"{_gib(report.peak_bytes)} of {_gib(usable)} usable ({100 * report.peak_bytes / usable:.0f}%)",
-      f"  FLOPs per device: {report.flops / 1e12:.3f} TFLOP ({report.flops_source} cost analysis), "
-      f"bytes accessed {report.bytes_accessed / GIB:.2f} GiB"]
+      (f"  FLOPs per device: {report.flops / 1e12:.3f} TFLOP ({report.flops_source} cost "
+       f"analysis), bytes accessed {report.bytes_accessed / GIB:.2f} GiB"
+       if report.flops is not None else
+       "  FLOPs per device: not available (XLA:GPU has no cost analysis without a device)")]
   summary = collective_summary(report.collectives)
   parts = [f"{k} {n} ({b / 2 ** 20:.1f} MiB)" for k, (n, b) in summary.items() if n]
   lines.append(f"  collectives per device: {', '.join(parts) if parts else 'none'}")
@@ -608,13 +616,16 @@ def format_report(report: ProgramReport, target: Target, *, details: bool = Fals
     lines.append("  collectives by role: " + ", ".join(
         f"{role} {n} ({b / 2 ** 20:.1f} MiB)" for role, (n, b) in roles.items()))
   peak = d.bf16_flops if report.dtype == "bfloat16" else d.fp32_flops
-  mfu = report.flops / peak / est.step_s if est.step_s > 0 else 0.0
-  lines.append(
-      f"  ESTIMATE (roofline, not a measurement): {est.step_s * 1e3:.1f} ms per call, "
-      f"{est.bound}-bound (compute {est.compute_s * 1e3:.1f} ms at {peak / 1e12:.0f} TFLOP/s "
-      f"{report.dtype}, memory {est.memory_s * 1e3:.1f} ms at {d.hbm_bytes_per_s / 1e9:.0f} GB/s, "
-      f"interconnect {est.network_s * 1e3:.1f} ms at {d.link_bytes_per_s / 1e9:.0f} GB/s); "
-      f"MFU at that time {100 * mfu:.0f}% (an upper bound: overlap is assumed perfect)")
+  if est is None:
+    lines.append("  ESTIMATE: none (no FLOP count for this target)")
+  else:
+    mfu = report.flops / peak / est.step_s if est.step_s > 0 else 0.0
+    lines.append(
+        f"  ESTIMATE (roofline, not a measurement): {est.step_s * 1e3:.1f} ms per call, "
+        f"{est.bound}-bound (compute {est.compute_s * 1e3:.1f} ms at {peak / 1e12:.0f} TFLOP/s "
+        f"{report.dtype}, memory {est.memory_s * 1e3:.1f} ms at {d.hbm_bytes_per_s / 1e9:.0f} "
+        f"GB/s, interconnect {est.network_s * 1e3:.1f} ms at {d.link_bytes_per_s / 1e9:.0f} "
+        f"GB/s); MFU at that time {100 * mfu:.0f}% (an upper bound: overlap is assumed perfect)")
   if details:
     roles = report.roles or [""] * len(report.collectives)
     for c, role in zip(report.collectives, roles):
@@ -730,8 +741,8 @@ def run(config: Any, target: Target, *, programs: Sequence[str] = ("train", "eva
     return EXIT_DOES_NOT_FIT, reports
   peak = max((r.peak_bytes for r in reports), default=0)
   extra = ""
-  if train_reports:
-    est = estimate(train_reports[0], target.device)
+  est = estimate(train_reports[0], target.device) if train_reports else None
+  if est is not None:
     extra = f", estimated train step {est.step_s * 1e3:.0f} ms ({est.bound}-bound, an estimate)"
   say(f"fits: every program on {target.name}, peak {_gib(peak)} of "
       f"{_gib(target.device.usable_bytes)} GiB per device{extra}")
