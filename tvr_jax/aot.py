@@ -275,8 +275,10 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
       res_bytes, in_bytes = _shape_bytes(result), _shape_bytes(operands)
       if start and kind in ("all-gather", "collective-permute", "all-to-all") and \
           result.lstrip().startswith("("):
-        # `op-start` returns (operands, results[, context]): the results are the larger part.
-        res_bytes = max(res_bytes - in_bytes, in_bytes)
+        # `op-start` returns (operands, results): keep the results (the second half).
+        arrays = [f"{t}[{d}]" for t, d in _SHAPE_RE.findall(result)]
+        result = "(" + ", ".join(arrays[len(arrays) // 2:]) + ")"
+        res_bytes = _shape_bytes(result)
       nbytes = max(res_bytes, in_bytes)
     else:
       m = _FUSED_RS_RE.match(line)
@@ -356,8 +358,8 @@ def classify(collective: Collective, features: Sequence[tuple[int, ...]],
       return SCALAR_REDUCTION
     in_params = sum(math.prod(d) for d in dims if d and math.prod(d) in sizes)
     total = sum(math.prod(d) for d in dims)
-    backward = "transpose(" in collective.op_name or not collective.op_name
-    if backward and 2 * in_params >= total:
+    # Combined reductions carry the metadata of one of their parts, so the op name is no guide.
+    if 2 * in_params >= total:
       return GRADIENT_REDUCTION
     if all(len(d) == 2 for d in dims):
       return CLASS_TOKEN     # partial sums of the class-token rows' matmuls (contraction over fsdp)
