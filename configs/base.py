@@ -77,7 +77,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- parallelism -----------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})    # -1 absorbs the remaining devices
-  c.sharding_rules = [(r".*", "fsdp")]                           # see tvr_jax/sharding.py
+  # (regex on leaf path, rule), first match wins: tvr_jax.sharding.DEFAULT_RULES, docs/aot.md.
+  c.sharding_rules = [(r"token_embedding", "replicate"), (r".*", "fsdp")]
   c.min_fsdp_size = 2 ** 14      # leaves with fewer elements stay replicated
 
   # ---- logging, checkpoints, evaluation ----------------------------------------------------------

@@ -98,27 +98,7 @@ class Evaluator:
         worker_count=config.num_workers, cache=datasets.frame_cache(config, split),
         length_buckets=tuple(config.eval_length_buckets),
         keywords=self.retrieval.keyword_weighting)
-    replicated = sharding.replicated(mesh)
-    expected = self.retrieval
-
-    def merge(params, rest):
-      model = nnx.merge(graphdef, params, rest if rest is not None else {})
-      check_switches(expected, model.config)
-      return model
-
-    def video_fn(params, rest, frames, frame_mask):
-      model = merge(params, rest)
-      tokens, vmask = model.encode_video(frames, frame_mask)
-      if model.token_weights is None:
-        return tokens, vmask
-      return tokens, vmask, dmae.masked_softmax(model.token_weights.video_fc(tokens)[..., 0], vmask)
-
-    def text_fn(params, rest, text_ids, keyword_mask):
-      return encode_text_bucket(merge(params, rest), text_ids, keyword_mask)
-
-    # Outputs replicated: every process gets all rows (features are small next to frames).
-    self._encode_video = jax.jit(video_fn, out_shardings=replicated)
-    self._encode_text = jax.jit(text_fn, out_shardings=replicated)
+    self._encode_video, self._encode_text = make_encoders(graphdef, mesh, self.retrieval)
 
   def encode(self, state: dict) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """All text features (sent [Nt, D], words [Nt, L, D], mask [Nt, L][, word weights [Nt, L]])
@@ -334,6 +314,37 @@ def _allgather(x: np.ndarray) -> np.ndarray:
     words = np.asarray(multihost_utils.process_allgather(x.reshape(x.shape + (1,)).view(np.int32)))
     return words.view(x.dtype).reshape((words.shape[0],) + x.shape)
   return np.asarray(multihost_utils.process_allgather(x))
+
+
+def make_encoders(graphdef: Any, mesh: jax.sharding.Mesh, expected: Any = None):
+  """The jitted `(encode_video, encode_text)` of evaluation (also compiled ahead of time).
+
+  `encode_video(params, rest, frames [B, F, R, R, 3], frame_mask [B, F])` -> (tokens [B, F, D],
+  mask [B, F][, "wti" frame weights [B, F]]); `encode_text(params, rest, text_ids [B, L'],
+  keyword_mask [B, L'] or None)` -> `encode_text_bucket`'s output. Outputs are replicated: every
+  process gets all rows (features are small next to frames). With `expected` (the run's
+  RetrievalConfig), a model whose switches differ is refused (`check_switches`).
+  """
+  replicated = sharding.replicated(mesh)
+
+  def merge(params, rest):
+    model = nnx.merge(graphdef, params, rest if rest is not None else {})
+    if expected is not None:
+      check_switches(expected, model.config)
+    return model
+
+  def video_fn(params, rest, frames, frame_mask):
+    model = merge(params, rest)
+    tokens, vmask = model.encode_video(frames, frame_mask)
+    if model.token_weights is None:
+      return tokens, vmask
+    return tokens, vmask, dmae.masked_softmax(model.token_weights.video_fc(tokens)[..., 0], vmask)
+
+  def text_fn(params, rest, text_ids, keyword_mask=None):
+    return encode_text_bucket(merge(params, rest), text_ids, keyword_mask)
+
+  return (jax.jit(video_fn, out_shardings=replicated),
+          jax.jit(text_fn, out_shardings=replicated))
 
 
 def _host(x) -> np.ndarray:

@@ -102,20 +102,25 @@ class ChunkedScorer:
     self.compilations = 0
     self.plan: Optional[ChunkPlan] = None
 
+  def lower(self, ct: int, cv: int, words_shape, tokens_shape, weighted: bool = False,
+            sharding: Optional[jax.sharding.Sharding] = None):
+    """The block function lowered for ct texts x cv videos (`words_shape` [., L, D], `tokens_shape`
+    [., T, D]); `sharding` places it on a given device (e.g. a compile-only accelerator)."""
+    f32 = jnp.float32
+    num_words, dim = words_shape[1:]
+    num_tokens = tokens_shape[1]
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    shapes = [sds((ct, dim), f32), sds((ct, num_words, dim), f32),
+              sds((ct, num_words), jnp.int32), sds((cv, num_tokens, dim), f32),
+              sds((cv, num_tokens), jnp.int32)]
+    shapes += ([sds((ct, num_words), f32), sds((cv, num_tokens), f32)] if weighted
+               else [None, None])
+    return self._jitted.lower(*shapes)
+
   def _compile(self, ct, cv, words_shape, tokens_shape, weighted):
     key = (ct, cv, words_shape[1:], tokens_shape[1:], weighted)
     if key not in self._compiled:
-      f32 = jnp.float32
-      num_words, dim = words_shape[1:]
-      num_tokens = tokens_shape[1]
-      shapes = [jax.ShapeDtypeStruct((ct, dim), f32),
-                jax.ShapeDtypeStruct((ct, num_words, dim), f32),
-                jax.ShapeDtypeStruct((ct, num_words), jnp.int32),
-                jax.ShapeDtypeStruct((cv, num_tokens, dim), f32),
-                jax.ShapeDtypeStruct((cv, num_tokens), jnp.int32)]
-      shapes += ([jax.ShapeDtypeStruct((ct, num_words), f32),
-                  jax.ShapeDtypeStruct((cv, num_tokens), f32)] if weighted else [None, None])
-      self._compiled[key] = self._jitted.lower(*shapes).compile()
+      self._compiled[key] = self.lower(ct, cv, words_shape, tokens_shape, weighted).compile()
       self.compilations += 1
     return self._compiled[key]
 

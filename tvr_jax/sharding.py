@@ -39,8 +39,11 @@ BATCH_AXES = MESH_AXES
 Rule = Union[str, tuple]
 Rules = Sequence[tuple[str, Rule]]
 
-# Default table: everything FSDP-sharded where it pays, small leaves replicated by size.
+# Default table: everything FSDP-sharded where it pays, small leaves replicated by size. The token
+# embedding table stays whole: sharded over its vocabulary, every lookup would become partial
+# lookups plus an all-reduce of the text activations (and a gather in the backward pass).
 DEFAULT_RULES: tuple[tuple[str, Rule], ...] = (
+    (r"token_embedding", "replicate"),
     (r".*", "fsdp"),
 )
 
@@ -106,6 +109,19 @@ def microbatch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Fully replicated sharding on `mesh`."""
   return NamedSharding(mesh, P())
+
+
+def gather_to_all(mesh: Mesh) -> Callable[[Any], Any]:
+  """A function that places every leaf of a pytree on every device of `mesh` (a constraint).
+
+  Applied inside a jitted step to the per-sample features between the towers and the loss: the
+  compiler then all-gathers each feature once in the forward pass, and its cotangent needs no
+  collective in the backward pass (each device slices its own rows), instead of partitioning the
+  [B, B, ...] similarity tensors of the head over the batch shards.
+  """
+  sharding = replicated(mesh)
+  return lambda tree: jax.lax.with_sharding_constraint(
+      tree, jax.tree.map(lambda _: sharding, tree))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

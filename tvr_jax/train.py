@@ -244,6 +244,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
   schedules = list(setup.schedules.items())
   batch_spec = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
+  gather = sharding.gather_to_all(mesh)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
     # The model is deterministic today (no dropout); a stochastic one would take
@@ -252,7 +253,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
 
     def loss_fn(params):
       model = _merge(graphdef, params, rest)
-      total, terms = model.loss(batch, health=True)
+      total, terms = model.loss(batch, health=True, gather=gather)
       return total, terms
 
     if accum_steps == 1:

@@ -14,7 +14,7 @@ item 9).
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from flax import nnx
 import jax
@@ -268,14 +268,20 @@ class RetrievalModel(nnx.Module):
       return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
                                   frame_weights=frame_w, **self.similarity_kwargs())
 
-  def loss(self, batch: Mapping[str, jax.Array], *,
-           health: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def loss(self, batch: Mapping[str, jax.Array], *, health: bool = False,
+           gather: Optional[Callable[[Any], Any]] = None
+           ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Training loss on a batch of matched (text, video) pairs.
 
     Args:
       batch: `text_ids` int32 [B, L], `frames` [B, F, H, W, 3] (uint8 or CLIP-normalised float),
         `frame_mask` [B, F]; `keyword_mask` [B, L] when keyword weighting is on.
       health: also return the saturation indicator (the trainer's health guard reads it).
+      gather: applied once to the per-sample features (text features, frame tokens before the
+        header, frame mask) between the towers and the head. The sharded train step passes a
+        constraint that replicates them, so the towers stay local to each batch shard and the
+        similarity matrix and TPM-CL see the whole global batch after one gather per feature
+        (docs/aot.md); None leaves the placement to the compiler.
 
     Returns:
       (total, terms): total = contrastive + tpm_weight * tpm; terms holds `negnce` or `infonce`,
@@ -283,7 +289,10 @@ class RetrievalModel(nnx.Module):
       `health`, also `losses.SATURATION_KEY` (`losses.saturated_fraction(S)`: not a loss, no part
       of total, no gradient).
     """
-    return self.loss_from_features(self.encode_for_loss(batch), health=health)
+    features = self.encode_for_loss(batch)
+    if gather is not None:
+      features = gather(features)
+    return self.loss_from_features(features, health=health)
 
   def encode_for_loss(self, batch: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     """The towers' part of `loss`: per-sample features, so a batch can be encoded in pieces.
