@@ -21,10 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-# flatten_params / unflatten_params are re-exported: converters and tests address CLIP weights by them.
+# flatten_params / unflatten_params are re-exported: converters and tests address CLIP weights
+# by them.
 from tvr_jax.tree_paths import fill_params, flatten_params, unflatten_params  # noqa: F401
 
 # LayerNorm epsilon of PyTorch / OpenAI CLIP (Flax's default is 1e-6).
