@@ -131,7 +131,7 @@ def time_encoding(c, num_videos: int, batch: int, repeats: int, widths) -> dict:
                          repeats, 1, sync=jax.block_until_ready)
   per_width = {}
   for w, (fn, ids) in text.items():
-    t = common.time_calls(lambda: [fn(state, ids) for _ in range(4)], repeats, 1,
+    t = common.time_calls(lambda fn=fn, ids=ids: [fn(state, ids) for _ in range(4)], repeats, 1,
                           sync=jax.block_until_ready)
     per_width[w] = {"s": t["median"] / 4, "flops": flops_of(fn)}
   return {"compile_s": compile_s, "video_s": tv["median"] / (video_calls * bv),
@@ -161,7 +161,8 @@ def time_scoring(num_texts: int, num_videos: int, words: int, frames: int, dim: 
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="CPU: subsets, extrapolated")
   p.add_argument("--tiny", action="store_true", help="smoke test: tiny CLIP, small subsets")
   p.add_argument("--clip", default="ViT-B/32")
@@ -249,7 +250,7 @@ def main(argv=None):
       [f"encode captions, full length {words} (old)", f"{text_old:.1f}", f"{floor(flops_old):.1f}",
        f"{text_old / floor(flops_old):.2f}", f"extrapolated from 4 batches of {bt}"],
       ["encode captions, length buckets (new)", f"{text_new:.1f}", f"{floor(flops_new):.1f}",
-       f"{text_new / floor(flops_new):.2f}", f"extrapolated from 4 batches per width"],
+       f"{text_new / floor(flops_new):.2f}", "extrapolated from 4 batches per width"],
   ]
   for nd, sc in scores.items():
     s_full = sc["s"] * args.captions / n_score
