@@ -46,7 +46,7 @@ def random_state(preset: str):
       value = rng.integers(0, 1000, leaf.shape).astype(leaf.dtype)
     return jax.device_put(value, leaf.sharding)
 
-  state = jax.tree.unflatten(treedef, [fill(l) for l in leaves])
+  state = jax.tree.unflatten(treedef, [fill(leaf) for leaf in leaves])
   return state, abstract
 
 
@@ -84,7 +84,8 @@ def main():
                       help="CLIP preset(s) to measure instead (repeatable), e.g. ViT-B/32")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_io", action="store_true",
-                      help="time the checksum call only (no save/restore: needs 1x the state's RAM)")
+                      help="time the checksum call only "
+                           "(no save/restore: needs 1x the state's RAM)")
   parser.add_argument("--dir", default=None, help="where to write the checkpoints (default: tmp)")
   args = parser.parse_args()
   presets = args.preset or (["tiny-64"] if args.quick else ["tiny-64", "ViT-B/32"])

@@ -44,7 +44,10 @@ def today() -> str:
 
 
 def status_kib(field: str) -> int:
-  """A kiB field of /proc/self/status (e.g. "VmRSS", "VmHWM"); -1 where there is none (not Linux)."""
+  """A kiB field of /proc/self/status (e.g. "VmRSS", "VmHWM").
+
+  -1 where there is none (not Linux).
+  """
   try:
     with open("/proc/self/status") as f:
       for line in f:

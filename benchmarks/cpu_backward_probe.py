@@ -54,13 +54,14 @@ def probe_jax(n: int, repeats: int) -> list:
 
   ws = jax.tree.map(jnp.asarray, _block_weights(rng))
   xb = jnp.asarray(rng.standard_normal((n, T, W)).astype(np.float32))
-  cases = [("tower fwd", jax.jit(tower), (p, x)), ("tower fwd+bwd", jax.jit(jax.grad(tower)), (p, x))]
+  cases = [("tower fwd", jax.jit(tower), (p, x)),
+           ("tower fwd+bwd", jax.jit(jax.grad(tower)), (p, x))]
   for name, attn in (("sdpa", jax.nn.dot_product_attention), ("einsum", attn_einsum)):
     loss = lambda w, x, attn=attn: jnp.sum(block(w, x, attn) ** 2)  # noqa: E731
     cases.append((f"block fwd+bwd ({name} attention)", jax.jit(jax.grad(loss)), (ws, xb)))
   out = []
   for name, f, args in cases:
-    t = common.time_calls(lambda: f(*args), repeats, 1, sync=jax.block_until_ready)
+    t = common.time_calls(lambda f=f, args=args: f(*args), repeats, 1, sync=jax.block_until_ready)
     out.append((name, t["median"]))
   return out
 
@@ -99,7 +100,8 @@ def probe_torch(n: int, repeats: int) -> list:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--images", type=int, default=48)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--only", choices=["jax", "torch"], default=None)
@@ -115,8 +117,8 @@ def main(argv=None):
                           "--images", str(args.images), "--repeats", str(args.repeats)],
                          capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    torch_rows = {l.split("\t")[1]: float(l.split("\t")[2]) for l in out.stdout.splitlines()
-                  if l.startswith("torch\t")}
+    torch_rows = {line.split("\t")[1]: float(line.split("\t")[2])
+                  for line in out.stdout.splitlines() if line.startswith("torch\t")}
   rows = [[name, f"{s:.3f}", f"{torch_rows[name]:.3f}" if name in torch_rows else "-",
            f"{s / torch_rows[name]:.2f}" if name in torch_rows else "-"] for name, s in jax_rows]
   print(f"machine: {common.machine()}; {common.today()}; {args.images} images, "

@@ -129,7 +129,7 @@ def time_encoding(c, num_videos: int, batch: int, repeats: int, widths) -> dict:
                          repeats, 1, sync=jax.block_until_ready)
   per_width = {}
   for w, (fn, ids) in text.items():
-    t = common.time_calls(lambda: [fn(state, ids) for _ in range(4)], repeats, 1,
+    t = common.time_calls(lambda fn=fn, ids=ids: [fn(state, ids) for _ in range(4)], repeats, 1,
                           sync=jax.block_until_ready)
     per_width[w] = {"s": t["median"] / 4, "flops": flops_of(fn)}
   return {"compile_s": compile_s, "video_s": tv["median"] / (video_calls * bv),
@@ -159,7 +159,8 @@ def time_scoring(num_texts: int, num_videos: int, words: int, frames: int, dim: 
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="CPU: subsets, extrapolated")
   p.add_argument("--tiny", action="store_true", help="smoke test: tiny CLIP, small subsets")
   p.add_argument("--clip", default="ViT-B/32")

@@ -4,10 +4,10 @@ r"""Frame-extraction throughput (decode at 1 fps, resize + crop to 224, JPEG) on
     python -m benchmarks.extraction --quick    # 2 videos, 480x270, 25 fps, 10 s each
 
 Prints, for 1 and N worker processes (N = --workers, default: the CPU count; spawned processes,
-each decoding single-threaded, while 1 worker decodes in this process with FFmpeg's own threads): source frames decoded per second (every frame is decoded to
-find the 1-fps samples, so this is the cost that scales with video length), sampled frames per
-second, and videos per second. The videos are H.264 (libx264) with moving content and noise, written
-once into a temporary directory.
+each decoding single-threaded, while 1 worker decodes in this process with FFmpeg's own threads):
+source frames decoded per second (every frame is decoded to find the 1-fps samples, so this is the
+cost that scales with video length), sampled frames per second, and videos per second. The videos
+are H.264 (libx264) with moving content and noise, written once into a temporary directory.
 """
 
 from __future__ import annotations

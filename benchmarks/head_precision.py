@@ -26,21 +26,21 @@ from tvr_jax.models.clip import CLIPConfig  # noqa: E402
 from tvr_jax.models.retrieval import RetrievalConfig, RetrievalModel  # noqa: E402
 
 
-def features(b: int, l: int, f: int, d: int, seed: int = 0):
+def features(b: int, length: int, f: int, d: int, seed: int = 0):
   """Unit text / frame features with random padding: ((sent, words, mask), tokens, frame mask)."""
   rng = np.random.default_rng(seed)
 
   def unit(*shape):
     x = rng.standard_normal(shape).astype(np.float32)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-  tmask = (np.arange(l)[None] <= rng.integers(2, l, b)[:, None]).astype(np.int32)
+  tmask = (np.arange(length)[None] <= rng.integers(2, length, b)[:, None]).astype(np.int32)
   vmask = (np.arange(f)[None] < rng.integers(1, f + 1, b)[:, None]).astype(np.int32)
-  return (unit(b, d), unit(b, l, d), tmask), unit(b, f, d), vmask
+  return (unit(b, d), unit(b, length, d), tmask), unit(b, f, d), vmask
 
 
-def head_step(precision: str, b: int, l: int, f: int, d: int):
+def head_step(precision: str, b: int, length: int, f: int, d: int):
   """(jitted value-and-grad of head_loss, its arguments) for one precision setting."""
-  config = RetrievalConfig(max_words=l, max_frames=f, head_precision=precision)
+  config = RetrievalConfig(max_words=length, max_frames=f, head_precision=precision)
   # A tiny CLIP of embedding width d: the head's sizes depend only on d, L and F.
   model = RetrievalModel(config, clip_config=CLIPConfig.preset("tiny", embed_dim=d),
                          rngs=nnx.Rngs(0))
@@ -52,7 +52,7 @@ def head_step(precision: str, b: int, l: int, f: int, d: int):
     m = nnx.merge(graph, {**head, "clip": clip_params}, rest)
     return m.head_loss((sent, words, tmask), tokens, vmask)[0]
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-  (sent, words, tmask), tokens, vmask = features(b, l, f, d)
+  (sent, words, tmask), tokens, vmask = features(b, length, f, d)
   return fn, (head, sent, words, tokens, tmask, vmask)
 
 
@@ -68,16 +68,17 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.quick:
     args.batch, args.repeats = 16, 3
-  b, l, f, d = args.batch, args.words, args.frames, args.dim
-  print(f"head_loss value+grad, B {b}, L {l}, F {f}, D {d}, float32; {common.machine()}; "
+  b, length, f, d = args.batch, args.words, args.frames, args.dim
+  print(f"head_loss value+grad, B {b}, L {length}, F {f}, D {d}, float32; {common.machine()}; "
         f"{common.today()}")
   rows, medians, values = [], {}, {}
   for precision in ("highest", "default"):
-    fn, fn_args = head_step(precision, b, l, f, d)
+    fn, fn_args = head_step(precision, b, length, f, d)
     t0 = time.perf_counter()
     compiled = fn.lower(*fn_args).compile()
     compile_s = time.perf_counter() - t0
-    t = common.time_calls(lambda: compiled(*fn_args), args.repeats, sync=jax.block_until_ready)
+    t = common.time_calls(lambda compiled=compiled, fn_args=fn_args: compiled(*fn_args),
+                          args.repeats, sync=jax.block_until_ready)
     values[precision] = float(compiled(*fn_args)[0])
     medians[precision] = t["median"]
     rows.append([precision, f"{compile_s:.1f}", f"{t['median'] * 1e3:.1f}",

@@ -28,7 +28,8 @@ from data_prep.synthetic import generate
 from tvr_jax.data import FrameCache, TrainIterator, VideoSplit
 
 
-def _build(root: str, num_videos: int, num_frames: int, resolution: int, workers: int) -> VideoSplit:
+def _build(root: str, num_videos: int, num_frames: int, resolution: int,
+           workers: int) -> VideoSplit:
   raw = os.path.join(root, "raw")
   config = generate.SyntheticConfig(num_train=num_videos, num_val=0, num_test=2,
                                     duration=max(8.0, float(num_frames)))
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
   parser.add_argument("--work_dir", default=None, help="where to build (default: a temp dir)")
   parser.add_argument("--cache_root", default=None, help="frame cache root (default /dev/shm)")
   parser.add_argument("--step_rate", type=float, default=0.0,
-                      help="train steps/s at this batch (benchmarks/train_step.py): prints which limits")
+                      help="train steps/s at this batch (benchmarks/train_step.py): "
+                           "prints which limits")
   args = parser.parse_args(argv)
   if args.quick:
     args.videos, args.batches, args.workers = 192, 3, "0,2"

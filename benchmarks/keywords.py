@@ -31,7 +31,8 @@ _CAPTIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 def _captions() -> list[str]:
   """The distinct captions of the hand-labelled set, keyword marks removed."""
   with open(_CAPTIONS, encoding="utf-8") as f:
-    lines = [l.strip().replace("*", "") for l in f if l.strip() and not l.startswith("#")]
+    lines = [line.strip().replace("*", "") for line in f
+             if line.strip() and not line.startswith("#")]
   return list(dict.fromkeys(lines))
 
 

@@ -1,6 +1,6 @@
 """Video search: index build rate and query latency (first stage and re-scoring separately).
 
-    .venv/bin/python -m benchmarks.search --quick     # tiny model build, 1k / 100k queries (< 3 min)
+    .venv/bin/python -m benchmarks.search --quick     # tiny model, 1k / 100k queries (< 3 min)
     .venv/bin/python -m benchmarks.search             # adds a ViT-B/32-sized model (random weights)
     .venv/bin/python -m benchmarks.search --sizes 1000 100000 1000000
 
@@ -55,7 +55,8 @@ def build_rate(kind: str, num_videos: int, workers: int) -> dict:
     rng = np.random.default_rng(0)
     for i in range(num_videos):
       spec = render.ClipSpec(render.SHAPES[i % 5], list(render.COLOURS)[i % 7], "large",
-                             list(render.BACKGROUNDS)[i % 5], ["left", "right", "up", "down"][i % 4],
+                             list(render.BACKGROUNDS)[i % 5],
+                             ["left", "right", "up", "down"][i % 4],
                              (float(rng.uniform()), float(rng.uniform())), 0.5)
       generate.encode_mp4(render.render_clip(spec, seconds * 4, res), os.path.join(
           vdir, f"clip{i:04d}.mp4"), 4)
@@ -138,7 +139,8 @@ def query_latency(n: int, shortlist: int, repeats: int, dim=512, frames=12, word
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny model only, few videos (< 3 min)")
   p.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000])
   p.add_argument("--shortlist", type=int, default=100)

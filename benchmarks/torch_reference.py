@@ -143,7 +143,8 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 10) -> float:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--clip", default="ViT-B/32", choices=sorted(OPEN_CLIP_NAMES) + ["tiny"])
   p.add_argument("--batch_size", type=int, default=4)
   p.add_argument("--frames", type=int, default=12)
@@ -160,7 +161,8 @@ def main(argv=None):
     t["matmul_gflops"] = matmul_gflops(*(int(v) for v in args.matmul.split(",")))
   if args.json:
     print("json: " + json.dumps({k: v for k, v in t.items()}))
-  print(f"torch {t['torch']} ({t['threads']} threads), {args.clip}, {t['params'] / 1e6:.1f}M params, "
+  print(f"torch {t['torch']} ({t['threads']} threads), {args.clip}, "
+        f"{t['params'] / 1e6:.1f}M params, "
         f"batch {args.batch_size} x {args.frames} x {args.image_size}px, L={args.max_words}")
   print(f"summary: step {t['median']:.3f} s median of {t['n']} (min {t['min']:.3f}, max "
         f"{t['max']:.3f}); {args.batch_size / t['median']:.2f} clips/s; loss {t['loss']:.4f}")

@@ -1,4 +1,4 @@
-"""Shared defaults for every experiment config (the recipe of docs/method.md §6, MSR-VTT/MSVD sizes).
+"""Defaults shared by every experiment config (the recipe of docs/method.md §6, MSR-VTT/MSVD sizes).
 
 Not run on its own: each dataset config imports `get_base_config()` and edits what differs. Every
 key a run may use is declared here and the returned ConfigDict is locked, so a typo in a config
@@ -34,7 +34,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.cache_frames = False         # decode every frame once into a RAM-backed cache (small sets)
 
   # ---- model -----------------------------------------------------------------------------------
-  c.init_from = "checkpoints/ViT-B-32"  # converted CLIP (python -m tvr_jax.convert); "" = from scratch
+  # Converted CLIP weights (python -m tvr_jax.convert); "" = from scratch.
+  c.init_from = "checkpoints/ViT-B-32"
   c.clip_preset = "ViT-B/32"     # CLIP size when training from scratch (init_from == "")
   c.dtype = "float32"            # compute dtype; "bfloat16" keeps float32 master weights
   c.remat = False                # rematerialise each residual block (saves activation memory)
@@ -91,11 +92,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every = -1              # steps; -1 = once per epoch and at the end; 0 = only at the end
   c.eval_batch_size = 128        # videos or captions per encoding batch
   c.eval_max_examples = -1       # > 0: evaluate on the first N videos only (smoke runs)
-  c.score_budget_mb = 1024       # memory budget of one block of the chunked DMAE scorer (per device)
+  c.score_budget_mb = 1024       # per-device memory budget of one block of the chunked DMAE scorer
   # Caption batches are sorted by length and cut to the smallest of these column counts that
   # holds their longest caption (max_words is always the last); () = every batch at max_words.
   c.eval_length_buckets = (8, 16, 24)
-  c.eval_lower_median = False    # multi-caption t2v MdR: lower middle value (CLIP4Clip, torch.median)
+  c.eval_lower_median = False    # multi-caption t2v MdR: lower middle (CLIP4Clip, torch.median)
   c.dsl = True                   # also report dual-softmax (DSL) rows, labelled separately
   c.eval_save_scores = False     # also write WORKDIR/scores_step_<N>.npz (the whole S, video ids)
   c.eval_checkpoint = ""         # mode=eval: checkpoint step dir (default: latest in workdir)
@@ -119,7 +120,8 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDi
   if arg in ("", None):
     return c
   if arg not in SHRINK_ARGS:
-    raise ValueError(f"unknown config argument {arg!r}; known: '' (full run), {', '.join(SHRINK_ARGS)}")
+    raise ValueError(f"unknown config argument {arg!r}; "
+                     f"known: '' (full run), {', '.join(SHRINK_ARGS)}")
   c.batch_size = 8
   c.num_train_steps = 4
   c.log_every = 1

@@ -25,7 +25,7 @@ PyTree = Any
 
 
 def temporary_sibling(directory: str | os.PathLike, tag: str = "tmp") -> str:
-  """Returns a fresh, not yet existing path next to `directory` (same filesystem, so rename works)."""
+  """A fresh, not yet existing path next to `directory` (same filesystem, so rename works)."""
   directory = os.path.abspath(os.fspath(directory))
   parent, name = os.path.split(directory.rstrip(os.sep))
   return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:12]}")
@@ -102,7 +102,8 @@ def restore_pytree(directory: str | os.PathLike, abstract_tree: PyTree | None = 
     return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
   try:
-    check_same_leaves(flatten_params(abstract_tree), flatten_params(saved), f"checkpoint {directory}")
+    check_same_leaves(flatten_params(abstract_tree), flatten_params(saved),
+                      f"checkpoint {directory}")
   except ValueError as e:
     raise ValueError(f"{e} (target tree vs checkpoint)") from None
 
@@ -200,7 +201,8 @@ def _words(x: jax.Array) -> jax.Array:
   if size == 4:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
   if size in (1, 2):
-    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+    narrow = jnp.uint8 if size == 1 else jnp.uint16
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
   if size == 8:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
   raise TypeError(f"no checksum for dtype {x.dtype}")
@@ -247,7 +249,8 @@ def state_integrity(tree: PyTree) -> tuple[dict[str, list[int]], list[str]]:
     x = flat[p]
     s = getattr(x, "sharding", None)
     if isinstance(s, jax.sharding.NamedSharding):
-      fn = _leaf_integrity_jit_onto(jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()))
+      fn = _leaf_integrity_jit_onto(
+          jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()))
     else:
       fn = _leaf_integrity_jit
     results.append(fn(x))
@@ -281,7 +284,8 @@ def verify_integrity(tree: PyTree, saved_meta: Mapping[str, Any] | None, what: s
   verified = False
   if recorded:
     if recorded.get("algorithm") != CHECKSUM_ALGORITHM:
-      raise CheckpointDamagedError(f"{what}: unknown checksum algorithm {recorded.get('algorithm')!r}")
+      raise CheckpointDamagedError(f"{what}: unknown checksum algorithm "
+                                   f"{recorded.get('algorithm')!r}")
     want = recorded.get("leaves", {})
     keys = [k for k in sums if k.startswith(only_prefix)]
     if not only_prefix and set(want) != set(sums):
@@ -296,7 +300,8 @@ def verify_integrity(tree: PyTree, saved_meta: Mapping[str, Any] | None, what: s
     verified = True
   if nonfinite:
     raise CheckpointDamagedError(f"{what}: restored non-finite values (NaN/inf) in "
-                                 f"{', '.join(nonfinite[:5])}{', ...' if len(nonfinite) > 5 else ''}")
+                                 f"{', '.join(nonfinite[:5])}"
+                                 f"{', ...' if len(nonfinite) > 5 else ''}")
   return verified
 
 
@@ -306,7 +311,8 @@ def _gather_process_strings(text: str) -> list[str]:
     return [text]
   from jax.experimental import multihost_utils
   data = np.frombuffer(text.encode(), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+  lengths = np.asarray(
+      multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
   padded = np.zeros(int(lengths.max()), np.uint8)
   padded[:data.size] = data
   gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
@@ -470,8 +476,9 @@ class TrainCheckpointManager:
     mgr.close()                                               # waits for the async write
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = "t2v/R@1",
-               async_save: bool = True, read_only: bool = False):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 2,
+               best_metric: str | None = "t2v/R@1", async_save: bool = True,
+               read_only: bool = False):
     """Opens (creating if needed) the checkpoint directory.
 
     Args:
@@ -503,7 +510,8 @@ class TrainCheckpointManager:
     # Handlers declared up front so a fresh process can read metadata before its first save.
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -515,7 +523,7 @@ class TrainCheckpointManager:
     return sorted(self._manager.all_steps())
 
   def best_step(self) -> int | None:
-    """Step with the highest `best_metric` among saved checkpoints with metrics (None if none has)."""
+    """Step with the highest `best_metric` among saved checkpoints with metrics (None if none)."""
     best, best_value = None, -math.inf
     for step in self.all_steps():
       metrics = self._manager.metrics(step) or {}
@@ -528,7 +536,8 @@ class TrainCheckpointManager:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, state: PyTree, *, data_state: Any = None,
-           metrics: Mapping[str, float] | None = None, meta: Mapping[str, Any] | None = None) -> None:
+           metrics: Mapping[str, float] | None = None,
+           meta: Mapping[str, Any] | None = None) -> None:
     """Starts saving `state` (and this process's `data_state`) as checkpoint `step`.
 
     Every process must call it (arrays are written shard by shard, iterator states gathered). First
@@ -716,13 +725,13 @@ class TrainCheckpointManager:
     return None
 
   def wait(self) -> None:
-    """Blocks until the background write (if any) is finalized (CheckpointWriteError if it failed)."""
+    """Blocks until any background write is finalized (CheckpointWriteError if it failed)."""
     with self._write_errors(None):
       self._manager.wait_until_finished()
     self._pending_step = None
 
   def close(self) -> None:
-    """Waits for pending writes and releases the manager (CheckpointWriteError if a write failed)."""
+    """Waits for pending writes, releases the manager; CheckpointWriteError if a write failed."""
     try:
       if not self._failed:
         self.wait()

@@ -3,16 +3,17 @@
     clip_by_global_norm(1.0)
       → per group g (regex on the parameter path, first match wins):
           Adam(β=(0.9, 0.98), ε=1e-6)
-          + weight_decay · θ   (decoupled, AdamW style; masked off biases, norms, embeddings, logit scale)
+          + weight_decay · θ   (decoupled, AdamW style;
+                                masked off biases, norms, embeddings, logit scale)
           × −lr_g · schedule(step)      (10% linear warmup from 0, then cosine to 0)
 
 Groups (config `optimizer.groups`) are `(regex, peak_lr)` pairs; the release uses 1e-7 for CLIP
 parameters and 1e-4 for new modules. A peak lr of 0 freezes the group (its updates are zero and
 its Adam moments are not even allocated). Parameters the model does not train by design (`frozen`
 patterns, from `RetrievalModel.untrained_params()`) are handled the same way whatever their group:
-no update and no weight decay, so they stay bit-identical. Decay is decoupled in the AdamW sense: the update adds
-`wd · θ` after Adam's normalisation and the sum is scaled by the learning rate, as torch.optim.AdamW
-and CLIP4Clip's BertAdam do.
+no update and no weight decay, so they stay bit-identical. Decay is decoupled in the AdamW sense:
+the update adds `wd · θ` after Adam's normalisation and the sum is scaled by the learning rate, as
+torch.optim.AdamW and CLIP4Clip's BertAdam do.
 
 Parameter paths are '/'-joined keys of the pure parameter tree, e.g. `clip/visual/conv1/kernel`.
 """
@@ -43,7 +44,7 @@ LOGIT_SCALE_PATTERN = r"(^|/)logit_scale$"
 
 
 def warmup_cosine(peak_lr: float, total_steps: int, warmup_fraction: float = 0.1) -> optax.Schedule:
-  """Linear warmup from 0 to `peak_lr` over `warmup_fraction` of the steps, then cosine decay to 0."""
+  """Linear warmup from 0 to `peak_lr` over `warmup_fraction` of the steps, then cosine to 0."""
   total_steps = max(int(total_steps), 1)
   warmup = int(round(warmup_fraction * total_steps))
   if warmup == 0:
@@ -112,7 +113,8 @@ def build(config: Mapping[str, Any], total_steps: int, params: Any, frozen: Sequ
     schedule = warmup_cosine(lr, total_steps, float(config["warmup_fraction"]))
     schedules[pattern] = schedule
     transforms[f"g{i}"] = optax.chain(
-        optax.scale_by_adam(b1=float(config["b1"]), b2=float(config["b2"]), eps=float(config["eps"])),
+        optax.scale_by_adam(b1=float(config["b1"]), b2=float(config["b2"]),
+                            eps=float(config["eps"])),
         optax.add_decayed_weights(float(config["weight_decay"]), mask=mask),
         optax.scale_by_learning_rate(schedule),
     )

@@ -1,4 +1,4 @@
-"""Training input: shuffled, endlessly repeated, fixed-shape global batches with a checkpointable state.
+"""Training input: shuffled, endlessly repeated, fixed-shape global batches, checkpointable state.
 
     split = VideoSplit.open(data_dir, "train")
     it = TrainIterator(split, global_batch_size=128, caption_mode="all", context_length=32,
@@ -34,7 +34,7 @@ STATE_VERSION = 1
 
 
 class TrainIterator:
-  """Endless iterator of training batches (global `jax.Array`s, or NumPy when `sharding` is None)."""
+  """Endless iterator of training batches (global `jax.Array`s; NumPy when `sharding` is None)."""
 
   def __init__(self, split: VideoSplit, *, global_batch_size: int, caption_mode: str,
                context_length: int, seed: int, sharding=None, worker_count: int = 0,
@@ -66,8 +66,9 @@ class TrainIterator:
     video, slot = training_examples(split, caption_mode)
     per_process = video.shape[0] // n
     if per_process < local:
-      raise ValueError(f"{split.name}:{split.split} has {video.shape[0]} {caption_mode!r} examples: "
-                       f"{per_process} per process, fewer than one local batch of {local}")
+      raise ValueError(f"{split.name}:{split.split} has {video.shape[0]} {caption_mode!r} "
+                       f"examples: {per_process} per process, fewer than one local batch of "
+                       f"{local}")
     self.split = split
     self.global_batch_size = global_batch_size
     self.local_batch_size = local

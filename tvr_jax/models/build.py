@@ -64,7 +64,8 @@ def build_model(config: ml_collections.ConfigDict, *, load_weights: bool = True)
     clip = clip_lib.CLIP(clip_config(config), rngs=nnx.Rngs(config.seed))
   if clip.config.image_size != config.image_size:
     raise ValueError(f"CLIP input size {clip.config.image_size} px != config.image_size="
-                     f"{config.image_size}; build the dataset with --resolution={clip.config.image_size}")
+                     f"{config.image_size}; build the dataset with "
+                     f"--resolution={clip.config.image_size}")
   return retrieval.RetrievalModel(retrieval_config(config), clip, rngs=nnx.Rngs(config.seed + 1))
 
 

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# flatten_params / unflatten_params are re-exported: converters and tests address CLIP weights by them.
+# flatten_params / unflatten_params are re-exported: converters and tests address CLIP weights
+# by them.
 from tvr_jax.tree_paths import fill_params, flatten_params, unflatten_params  # noqa: F401
 
 # LayerNorm epsilon of PyTorch / OpenAI CLIP (Flax's default is 1e-6).
