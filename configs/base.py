@@ -64,7 +64,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1         # > 0 overrides num_epochs
   c.accum_steps = 1              # > 1: exact gradient caching in k micro-batches (docs/training.md)
   c.nan_policy = "stop"          # "stop": raise with the step number; "skip": drop that update
-  c.saturation_policy = "warn"   # saturated NegNCE/InfoNCE for a window: "warn" (one line) | "stop" | "off"
+  # saturated NegNCE/InfoNCE for a window: "warn" (one line) | "stop" | "off"
+  c.saturation_policy = "warn"
   c.saturation_window = 100      # steps (checked at log steps) a saturated stretch must span
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.groups = [(r"^clip/", CLIP_LR), (r".*", NEW_LR)]   # (regex on param path, peak lr)

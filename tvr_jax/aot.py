@@ -48,7 +48,8 @@ INSTALL_COMMAND = "bash tools/install_aot.sh"
 GIB = 1 << 30
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_USAGE = 0, 1, 2
-COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                    "collective-permute")
 
 
 class UsageError(Exception):
@@ -321,8 +322,8 @@ def feature_shapes(batch_size: int, max_words: int, num_frames: int, embed_dim: 
                    ) -> list[tuple[int, ...]]:
   """Global shapes of the per-sample features the head gathers: sentence [B, D], words
   [B, L, D], text mask [B, L], frame tokens [B, F, D], frame mask [B, F]."""
-  b, l, f, d = batch_size, max_words, num_frames, embed_dim
-  return [(b, d), (b, l, d), (b, l), (b, f, d), (b, f)]
+  b, w, f, d = batch_size, max_words, num_frames, embed_dim
+  return [(b, d), (b, w, d), (b, w), (b, f, d), (b, f)]
 
 
 def _is_feature(dims: tuple[int, ...], features: Sequence[tuple[int, ...]]) -> bool:
@@ -393,7 +394,8 @@ class ProgramReport:
   collectives: list[Collective]
   compile_seconds: float
   dtype: str = "float32"
-  roles: list[str] = dataclasses.field(default_factory=list)   # train step: classify() per collective
+  # train step: classify() per collective
+  roles: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def peak_bytes(self) -> int:
@@ -493,14 +495,14 @@ def abstract_batch(config: Any, mesh: Any, batch_size: int, *, train: bool = Tru
   import jax.numpy as jnp
   from tvr_jax import sharding
   s = sharding.batch_sharding(mesh)
-  b, f, r, l = batch_size, config.num_frames, config.image_size, config.max_words
+  b, f, r, w = batch_size, config.num_frames, config.image_size, config.max_words
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
   batch = {"frames": sds((b, f, r, r, 3), jnp.uint8), "frame_mask": sds((b, f), jnp.int32),
-           "text_ids": sds((b, l), jnp.int32)}
+           "text_ids": sds((b, w), jnp.int32)}
   if train:
     batch.update(video_index=sds((b,), jnp.int32), caption_index=sds((b,), jnp.int32))
     if config.model.keyword_weighting:
-      batch["keyword_mask"] = sds((b, l), jnp.int32)
+      batch["keyword_mask"] = sds((b, w), jnp.int32)
   return batch
 
 
@@ -601,7 +603,8 @@ def format_report(report: ProgramReport, target: Target, *, details: bool = Fals
       f"  memory per device (GiB): arguments {_gib(report.argument_bytes)}, outputs "
       f"{_gib(report.output_bytes)} (aliased to donated arguments {_gib(report.alias_bytes)}), "
       f"temporaries {_gib(report.temp_bytes)}, code {_gib(report.code_bytes)}; peak "
-      f"{_gib(report.peak_bytes)} of {_gib(usable)} usable ({100 * report.peak_bytes / usable:.0f}%)",
+      f"{_gib(report.peak_bytes)} of {_gib(usable)} usable "
+      f"({100 * report.peak_bytes / usable:.0f}%)",
       (f"  FLOPs per device: {report.flops / 1e12:.3f} TFLOP ({report.flops_source} cost "
        f"analysis), bytes accessed {report.bytes_accessed / GIB:.2f} GiB"
        if report.flops is not None else

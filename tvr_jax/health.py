@@ -20,15 +20,15 @@ THRESHOLD = 0.9   # share of saturated queries that counts as "saturated" (a few
 
 
 class TrainingSaturatedError(RuntimeError):
-  """The contrastive loss stayed saturated for a window of steps (config.saturation_policy='stop')."""
+  """The contrastive loss stayed saturated for a window of steps (saturation_policy='stop')."""
 
 
 def message(first: int, last: int, saturated: float, loss: float, grad_norm: float) -> str:
   """The one console line: what happened, over which steps, and what usually causes it."""
-  return (f"training saturated from step {first} to {last}: {100 * saturated:.0f}% of queries put "
-          f"all softmax mass (scale 100) on a wrong match, loss {loss:.4g}, grad_norm "
-          f"{grad_norm:.3g}, so the run learns nothing and retrieval stays at chance. Likely causes: "
-          "an unnormalised header output (seqTransf from scratch: set "
+  return (f"training saturated from step {first} to {last}: {100 * saturated:.0f}% of queries "
+          f"put all softmax mass (scale 100) on a wrong match, loss {loss:.4g}, grad_norm "
+          f"{grad_norm:.3g}, so the run learns nothing and retrieval stays at chance. Likely "
+          "causes: an unnormalised header output (seqTransf from scratch: set "
           "--config.model.renormalize_after_header=True), a learning rate too high, features "
           "collapsed to one vector (check the data); --config.saturation_policy=stop ends such "
           "runs, =off silences this")

@@ -78,7 +78,8 @@ def infonce_symmetric(sim: jax.Array, scale: float = SCALE) -> jax.Array:
 SATURATION_KEY = "saturated"
 
 
-def saturated_fraction(sim: jax.Array, scale: float = SCALE, clip_eps: float = CLIP_EPS) -> jax.Array:
+def saturated_fraction(sim: jax.Array, scale: float = SCALE,
+                       clip_eps: float = CLIP_EPS) -> jax.Array:
   """Fraction of queries (rows of S and of S^T) whose scaled softmax is saturated on a wrong match.
 
   A query is saturated when its positive's probability is at or below `clip_eps` and every entry

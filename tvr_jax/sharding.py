@@ -7,9 +7,9 @@ This is the one module that owns the JAX sharding API (so an upgrade is one edit
 - A rule table: an ordered list of `(regex, rule)` pairs matched (`re.search`) against a leaf's
   path (`params/clip/visual/conv1/kernel`, `opt_state/0/mu/clip/visual/conv1/kernel`, ...). The
   first match wins. A rule is `"fsdp"` (shard the largest dimension divisible by the `fsdp` axis),
-  `"replicate"`, or a tuple of mesh-axis names / None (an explicit PartitionSpec). Leaves smaller than
-  `min_fsdp_size` elements are replicated whatever the rule says: sharding a LayerNorm scale costs a
-  collective and saves nothing.
+  `"replicate"`, or a tuple of mesh-axis names / None (an explicit PartitionSpec). Leaves smaller
+  than `min_fsdp_size` elements are replicated whatever the rule says: sharding a LayerNorm scale
+  costs a collective and saves nothing.
 - `abstract_sharded(init_fn, mesh, rules)`: `jax.eval_shape` gives shapes and the rules give
   shardings; `jax.jit(init_fn, out_shardings=...)` then creates every array already in place
   (`tvr_jax.train.create_train_state`), so a model that does not fit one device is never
@@ -60,16 +60,17 @@ def mesh_shape(mesh_config: Mapping[str, int], n_devices: int) -> tuple[int, ...
   if sum(s == -1 for s in sizes) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ValueError("config.mesh: sizes must be positive or -1, got "
+                     f"{dict(zip(MESH_AXES, sizes))}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: fixed axes ({known} devices) do not "
-                       f"divide the {n_devices} available devices")
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: fixed axes ({known} devices) "
+                       f"do not divide the {n_devices} available devices")
     sizes[sizes.index(-1)] = n_devices // known
   if int(np.prod(sizes)) != n_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"but {n_devices} are available")
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                     f"devices, but {n_devices} are available")
   return tuple(sizes)
 
 
@@ -129,9 +130,9 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   n = data_parallel_size(mesh)
   if batch_size % n:
     raise ValueError(
-        f"config.batch_size={batch_size} is not divisible by the {n} data-parallel shards of the mesh "
-        f"{dict(mesh.shape)}; choose a multiple of {n} (the global batch is split evenly so 1, 8 or 256 "
-        "devices train the same objective)")
+        f"config.batch_size={batch_size} is not divisible by the {n} data-parallel shards of the "
+        f"mesh {dict(mesh.shape)}; choose a multiple of {n} (the global batch is split evenly so "
+        "1, 8 or 256 devices train the same objective)")
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, axis: str = "fsdp") -> P:
@@ -155,11 +156,7 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, axis: str = "fsdp") -> P:
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules,
              min_fsdp_size: int = 2 ** 14) -> P:
   """The PartitionSpec for one leaf: the first rule whose regex matches `path` decides."""
-  for pattern, rule in rules:
-    if re.search(pattern, path):
-      break
-  else:
-    rule = "replicate"
+  pattern, rule = next(((p, r) for p, r in rules if re.search(p, path)), (None, "replicate"))
   if rule == "replicate" or int(np.prod(shape, dtype=np.int64)) < min_fsdp_size:
     return P()
   if rule == "fsdp":
@@ -173,13 +170,13 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules,
         raise ValueError(f"sharding rule {pattern!r} -> {rule}: {path} dimension {dim} is not "
                          f"divisible by mesh axis {ax!r} of size {mesh.shape[ax]}")
     return P(*rule)
-  raise ValueError(f"unknown sharding rule {rule!r} for pattern {pattern!r}; use 'fsdp', 'replicate' "
-                   "or a tuple of mesh axes")
+  raise ValueError(f"unknown sharding rule {rule!r} for pattern {pattern!r}; use 'fsdp', "
+                   "'replicate' or a tuple of mesh axes")
 
 
 def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
                    min_fsdp_size: int = 2 ** 14) -> Any:
-  """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs) by the rule table."""
+  """NamedShardings by the rule table for each array or ShapeDtypeStruct leaf of `abstract_tree`."""
   def one(path, leaf):
     shape = getattr(leaf, "shape", ())
     return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, rules, min_fsdp_size))

@@ -143,7 +143,7 @@ def _merge(graphdef, params, rest):
 
 def _plan_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int,
                       model_fn: Callable[..., nnx.Module]):
-  """(abstract state, TrainSetup, assemble(params, rest), init_from_scratch()): all still abstract."""
+  """(abstract state, TrainSetup, assemble(params, rest), init_from_scratch()), all abstract."""
   abstract_model = nnx.eval_shape(lambda: model_fn(config, load_weights=False))
   graphdef, abstract_params, abstract_rest = _split(abstract_model)
   tx, schedules = optimizer_lib.build(config.optimizer.to_dict(), total_steps, abstract_params,
@@ -166,8 +166,8 @@ def _plan_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   rules = [tuple(r) for r in config.sharding_rules]
   abstract, shardings = sharding.abstract_sharded(init_from_scratch, mesh, rules,
                                                   config.min_fsdp_size)
-  setup = TrainSetup(graphdef, tx, schedules, shardings, build_lib.model_meta(config, abstract_model),
-                     has_rest)
+  setup = TrainSetup(graphdef, tx, schedules, shardings,
+                     build_lib.model_meta(config, abstract_model), has_rest)
   return abstract, setup, assemble, init_from_scratch
 
 
@@ -186,7 +186,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.M
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int,
-                       model_fn: Callable[..., nnx.Module] | None = None) -> tuple[State, TrainSetup]:
+                       model_fn: Callable[..., nnx.Module] | None = None
+                       ) -> tuple[State, TrainSetup]:
   """Builds the train state on `mesh`, every leaf placed by `config.sharding_rules`.
 
   From scratch the whole state is created inside `jax.jit(..., out_shardings=...)`, so no device
@@ -277,7 +278,8 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
       params = keep(params, state["params"])
       opt_state = keep(opt_state, state["opt_state"])
-    first = jnp.where((state["first_nonfinite"] < 0) & ~finite, state["step"], state["first_nonfinite"])
+    first = jnp.where((state["first_nonfinite"] < 0) & ~finite, state["step"],
+                      state["first_nonfinite"])
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
                      first_nonfinite=first.astype(jnp.int32),
                      nonfinite_steps=state["nonfinite_steps"] + (~finite).astype(jnp.int32))
@@ -285,7 +287,7 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
                "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
                "skipped": (~finite).astype(jnp.int32), "saturated": saturated,
                "nonfinite_steps_total": new_state["nonfinite_steps"]}
-    for i, (pattern, schedule) in enumerate(schedules):
+    for i, (_, schedule) in enumerate(schedules):
       metrics[f"lr/group{i}"] = schedule(state["step"])
     return new_state, metrics
 
@@ -389,7 +391,8 @@ def _write_run_files(config, state, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   with open(os.path.join(workdir, "params.txt"), "w") as f:
-    f.write(f"{n_params} parameters ({n_params / 1e6:.2f}M)\n{sharding.describe(state['params'])}\n")
+    f.write(f"{n_params} parameters ({n_params / 1e6:.2f}M)\n"
+            f"{sharding.describe(state['params'])}\n")
 
 
 def _metric_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
@@ -484,8 +487,8 @@ def _checkpoint_location(config, workdir: str) -> tuple[str, int | None]:
   if config.mode == "eval" and config.eval_checkpoint:
     ckpt_dir, name = os.path.split(os.path.normpath(os.path.abspath(config.eval_checkpoint)))
     if not name.isdigit() or not os.path.isdir(config.eval_checkpoint):
-      raise FileNotFoundError(f"config.eval_checkpoint={config.eval_checkpoint!r} is not a checkpoint "
-                              "step directory (expected WORKDIR/checkpoints/<step>)")
+      raise FileNotFoundError(f"config.eval_checkpoint={config.eval_checkpoint!r} is not a "
+                              "checkpoint step directory (expected WORKDIR/checkpoints/<step>)")
     return ckpt_dir, int(name)
   return os.path.join(workdir, "checkpoints"), None
 
@@ -518,8 +521,8 @@ def _check_checkpoint_settings(reader: checkpointing.TrainCheckpointManager, ste
 # train_and_evaluate.
 # ==================================================================================================
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or, with config.mode='eval', only evaluates) and returns the last evaluation's metrics."""
-  # ---- checks: nothing touches devices or the workdir before the config and inputs are valid ------
+  """Trains (or, with config.mode='eval', only evaluates); returns the last evaluation's metrics."""
+  # ---- checks: nothing touches devices or the workdir before the config and inputs are valid ----
   validate_config(config)
   workdir = os.path.abspath(workdir)
   datasets.check_inputs(config)
@@ -572,7 +575,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Every restored leaf is checked against the checksums recorded at save time. A damaged step is
   # skipped with a warning (naming it and why) for the next older one; a training run then sets it
   # aside as `<step>.damaged` so that it can save that step again. Evaluation only reads.
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
   restored = None
   if reader is not None:
     try:
@@ -595,7 +599,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                for s, why in restored.skipped]
       skipped = f" (damaged newer step(s) set aside: {', '.join(aside)})"
     elif restored.skipped:
-      skipped = f" (damaged newer step(s) skipped: {', '.join(str(s) for s, _ in restored.skipped)})"
+      skipped = (" (damaged newer step(s) skipped: "
+                 f"{', '.join(str(s) for s, _ in restored.skipped)})")
     verb = "resuming from" if config.mode == "train" else "evaluating"
     reporting.say(f"{verb} checkpoint {os.path.join(ckpt_dir, str(restored.step))}{skipped}")
     state = restored.state
@@ -656,9 +661,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           metrics["steps_per_s"] = (step - step_log) / max(now - t_log, 1e-9)
           metrics["epoch"] = step / steps_per_epoch
           t_log, step_log = now, step
-          logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+          logging.info("step %d: %s", step,
+                       ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
           if progress is not None:
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{metrics['clips_per_s']:.1f}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                 clips_s=f"{metrics['clips_per_s']:.1f}")
           if step % console_every == 0 or is_last:
             reporting.say(_metric_line(step, total_steps, metrics))
           reporting.write_scalars(writer, step, {f"train/{k}": v for k, v in metrics.items()})

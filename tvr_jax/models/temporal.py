@@ -4,9 +4,9 @@
 CLIP4Clip's mean pooling). `seqTransf` (CLIP4Clip): add learned frame position embeddings, run 4
 residual attention blocks with padded frames masked as keys, add the input back. Its parameters are
 initialised from CLIP's text tower where the shapes allow it: position embeddings from
-`positional_embedding`, blocks from text blocks 0..layers-1 (`init_from_clip`). When the header width
-differs from CLIP's text width (the tiny presets: embed 32, text 64) or the text tower has fewer
-blocks than the header, the header keeps its from-scratch initialisation and the log says so.
+`positional_embedding`, blocks from text blocks 0..layers-1 (`init_from_clip`). When the header
+width differs from CLIP's text width (the tiny presets: embed 32, text 64) or the text tower has
+fewer blocks than the header, the header keeps its from-scratch initialisation and the log says so.
 
 The release applies the header to L2-normalised tokens and does not normalise its output;
 CLIP4Clip's re-normalisation is the `renormalize` flag (default off, seqTransf only: meanP's tokens
