@@ -112,7 +112,7 @@ def _parse_value(text: str):
 
 
 def apply_sets(config, sets) -> None:
-  """`key.sub=value` overrides (JSON values, else strings); unknown keys fail on the locked config."""
+  """`key.sub=value` overrides (JSON values, else strings); unknown keys fail (locked config)."""
   for item in sets:
     key, eq, value = item.partition("=")
     if not eq:
@@ -267,7 +267,7 @@ def load_cell(workdir: str) -> dict | None:
 # ==================================================================================================
 def paired_bootstrap(hits_row: np.ndarray, hits_base: np.ndarray, reps: int = BOOTSTRAP_REPS,
                      seed: int = 0) -> tuple[float, float, float]:
-  """Mean difference (points) of R@1 hits [S, Q] and its 95% interval, resampling seeds and queries."""
+  """Mean difference (points) of R@1 hits [S, Q], 95% interval resampling seeds and queries."""
   diff = 100.0 * (np.asarray(hits_row, float) - np.asarray(hits_base, float))
   s, q = diff.shape
   rng = np.random.default_rng(seed)
@@ -302,7 +302,7 @@ def table(cells: dict[str, list[dict]]) -> str:
     cs = sorted(cells.get(row.slug, []), key=lambda c: c["seed"])
     if not cs:
       continue
-    m = lambda key: [c["metrics"][key] for c in cs]  # noqa: E731
+    m = lambda key, cs=cs: [c["metrics"][key] for c in cs]  # noqa: E731
     out = [row.name, str(len(cs)), _ms(m("t2v/R@1")), _ms(m("t2v/R@5")), _ms(m("t2v/MdR")),
            _ms(m("v2t/R@1")), _ms(m("v2t/R@5")), _ms(m("v2t/MdR"))]
     paired = [c for c in cs if c["seed"] in base]
@@ -314,7 +314,7 @@ def table(cells: dict[str, list[dict]]) -> str:
                                       [base[c["seed"]]["hits"][d] for c in paired])
       out.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]")
     if have_phen:
-      p = lambda key: [c["phenomena"][key] for c in cs]  # noqa: E731
+      p = lambda key, cs=cs: [c["phenomena"][key] for c in cs]  # noqa: E731
       errs = "/".join(f"{np.mean([c['phenomena']['error_attribute'][k] for c in cs]):.0f}"
                       for k in ATTRIBUTES)
       out += [_ms(p("twin_t2v")), _ms(p("twin_v2t")), _ms(p("static_r1")), errs]
@@ -323,7 +323,8 @@ def table(cells: dict[str, list[dict]]) -> str:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true",
                  help=f"synthetic set, {QUICK_STEPS} steps per cell (fits 45 min on a 2-core CPU)")
   p.add_argument("--config", default=QUICK_CONFIG, help="run config file[:arg] (default synthetic)")
@@ -331,7 +332,8 @@ def parse_args(argv=None):
                  help="config override, repeatable (e.g. init_from=checkpoints/ViT-B-32)")
   p.add_argument("--out", required=True, help="one run directory per cell: OUT/<row>/seed<k>/")
   p.add_argument("--annotations", default="",
-                 help="synthetic set: its raw annotations.json (default DATA_DIR/downloads/manual/)")
+                 help="synthetic set: its raw annotations.json "
+                      "(default DATA_DIR/downloads/manual/)")
   p.add_argument("--seeds", type=int, default=3, help="seeds per row (>= 3 for the table)")
   p.add_argument("--table_only", action="store_true",
                  help="print the table of the cells finished so far; train nothing")
@@ -354,7 +356,8 @@ def main(argv=None) -> str:
   import jax
   # Cells of one row differ only in the seed: with a persistent cache their steps compile once.
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "jit_cache"))
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(args.out), "jit_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   base_config = load_config(args.config)
   apply_sets(base_config, args.set)
@@ -386,11 +389,13 @@ def main(argv=None) -> str:
   cell_s = sum(c["seconds"] for cs in cells.values() for c in cs)
   ceiling = next((c["static_ceiling"] for cs in cells.values() for c in cs
                   if "static_ceiling" in c), None)
-  text = (f"command: python benchmarks/ablation.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+  text = ("command: python benchmarks/ablation.py "
+          f"{' '.join(sys.argv[1:] if argv is None else argv)}\n"
           f"machine: {common.machine()}; date: {common.today()}; "
           f"config {args.config}, {'%d steps' % steps if steps and steps > 0 else 'its epochs'} "
           f"per cell, {args.seeds} seed(s); {n_cells} of {len(rows) * args.seeds} cells finished; "
-          f"{cell_s / 60:.0f} min of cell runs; wall {time.perf_counter() - t_start:.0f} s this call\n")
+          f"{cell_s / 60:.0f} min of cell runs; "
+          f"wall {time.perf_counter() - t_start:.0f} s this call\n")
   if ceiling is not None:
     text += (f"static ceiling (R@1 of a model reading every static attribute and no motion): "
              f"{ceiling:.1f}%\n")

@@ -49,10 +49,10 @@ def peak_bytes(compiled) -> dict:
 def abstract_batch(c, mesh) -> dict:
   """ShapeDtypeStructs of a global batch of config `c`, with the batch sharding."""
   s = sharding.batch_sharding(mesh)
-  b, f, r, l = c.batch_size, c.num_frames, c.image_size, c.max_words
+  b, f, r, w = c.batch_size, c.num_frames, c.image_size, c.max_words
   return {"frames": jax.ShapeDtypeStruct((b, f, r, r, 3), np.uint8, sharding=s),
           "frame_mask": jax.ShapeDtypeStruct((b, f), np.int32, sharding=s),
-          "text_ids": jax.ShapeDtypeStruct((b, l), np.int32, sharding=s)}
+          "text_ids": jax.ShapeDtypeStruct((b, w), np.int32, sharding=s)}
 
 
 def compile_step(c, mesh, accum_steps: int):
@@ -90,7 +90,7 @@ def time_rows(clip, image_size, frames, words, batch, accum, dtype, repeats, war
     runs[k] = {"compiled": compiled, "state": state, "compile_s": time.perf_counter() - t0,
                "times": []}
   for i in range(warmup + repeats):
-    for k, r in runs.items():
+    for r in runs.values():
       t0 = time.perf_counter()
       r["state"], m = r["compiled"](r["state"], batch_arrays)
       jax.block_until_ready(m["loss"])

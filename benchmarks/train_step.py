@@ -99,10 +99,10 @@ def tower_flops(cc: clip_lib.CLIPConfig, batch: int, frames: int, words: int) ->
 def random_batch(c, mesh):
   """A global batch of random uint8 frames, full frame masks and valid token ids, on the mesh."""
   rng = np.random.default_rng(0)
-  b, f, r, l = c.batch_size, c.num_frames, c.image_size, c.max_words
-  ids = np.zeros((b, l), np.int32)
+  b, f, r, w = c.batch_size, c.num_frames, c.image_size, c.max_words
+  ids = np.zeros((b, w), np.int32)
   ids[:, 0] = 49406
-  n = l // 2
+  n = w // 2
   ids[:, 1:n] = rng.integers(1, 49000, (b, n - 1))
   ids[:, n] = 49407
   batch = {"frames": rng.integers(0, 256, (b, f, r, r, 3), dtype=np.uint8),
@@ -208,14 +208,14 @@ def matmul_gflops_jax(m: int, k: int, n: int, repeats: int = 10) -> float:
 def run_torch(clip: str, batch: int, frames: int, image_size: int, words: int, repeats: int,
               warmup: int, matmul: tuple[int, int, int] | None = None) -> dict:
   """Times the PyTorch reference step in a subprocess (no thread-pool interference with XLA)."""
-  cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--clip", clip, "--batch_size", str(batch), "--frames",
-         str(frames), "--image_size", str(image_size), "--max_words", str(words), "--repeats",
-         str(repeats), "--warmup", str(warmup), "--json"]
+  cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--clip", clip, "--batch_size",
+         str(batch), "--frames", str(frames), "--image_size", str(image_size), "--max_words",
+         str(words), "--repeats", str(repeats), "--warmup", str(warmup), "--json"]
   if matmul:
     cmd += ["--matmul", ",".join(str(v) for v in matmul)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  lines = [l for l in out.stdout.splitlines() if l.startswith("json: ")]
+  lines = [line for line in out.stdout.splitlines() if line.startswith("json: ")]
   if out.returncode or not lines:
     raise RuntimeError(f"torch reference failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
   return json.loads(lines[-1][len("json: "):])
@@ -242,7 +242,8 @@ def print_roofline(clip: str, tr: dict, rows: list) -> None:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true",
                  help="CPU: ViT-B/32, 12 frames, batch 4, float32, DMAE + meanP + torch")
   p.add_argument("--tiny", action="store_true", help="smoke test: tiny CLIP at 64 px, 8 frames")
@@ -300,7 +301,8 @@ def main(argv=None):
     for head in args.heads.split(","):
       for dtype in args.dtypes.split(","):
         for remat in (r.strip().lower() in ("1", "true", "on") for r in args.remats.split(",")):
-          attn = args.attention_impl if (args.attention_impl != "cudnn" or dtype == "bfloat16") else ""
+          attn = (args.attention_impl
+                  if (args.attention_impl != "cudnn" or dtype == "bfloat16") else "")
           c = make_config(clip, image_size, args.frames, args.max_words, args.batch_size, head,
                           dtype, remat, attn, args.mesh_fsdp)
           r = run_jax(c, mesh, head, args.repeats, args.warmup, args.max_batch)
