@@ -1,4 +1,4 @@
-"""benchmarks/ablation.py: the grid's row configs, the per-query analysis, the bootstrap, a smoke run."""
+"""benchmarks/ablation.py: the grid's row configs, per-query analysis, bootstrap, a smoke run."""
 
 import json
 import os
@@ -54,7 +54,7 @@ def test_quick_cells_change_only_run_settings_outside_the_model():
 
 
 def _attributes(n_pairs):
-  """Video ids and attributes of `n_pairs` direction twins; pairs 0 and 1 share static attributes."""
+  """Video ids and attributes of `n_pairs` direction twins; pairs 0 and 1 share static ones."""
   ids, attrs = [], {}
   for p in range(n_pairs):
     colour = "red" if p < 2 else f"c{p}"
@@ -124,7 +124,8 @@ def test_smoke_run_two_rows_then_rerun_skips(tmp_path, capsys):
   data_dir = build_synthetic(root, num_train=32, num_val=4, num_test=16)
   out = str(tmp_path / "grid")
   argv = ["--config", "configs/synthetic.py:smoke", "--out", out, "--seeds", "1",
-          "--rows", "baseline,negnce", "--annotations", os.path.join(root, "raw", "annotations.json"),
+          "--rows", "baseline,negnce",
+          "--annotations", os.path.join(root, "raw", "annotations.json"),
           "--set", f"data_dir={data_dir}", "--set", "num_train_steps=2", "--set", "batch_size=8",
           "--set", "eval_max_examples=-1"]
   text = ablation.main(argv)

@@ -49,7 +49,8 @@ def _child(code: str, timeout: int = 900) -> dict:
                         capture_output=True, text=True, timeout=timeout, cwd=aot.REPO_ROOT,
                         env=aot.compile_env())
   if proc.returncode != 0:
-    pytest.fail(f"child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    pytest.fail(f"child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                f"{proc.stderr[-6000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -92,16 +93,23 @@ def test_every_gpu_target_has_its_proto():
       assert f"device_memory_size: {spec.memory_bytes}" in proto, model
 
 
-HLO = """
-  %all-gather.1 = f32[8,32,64]{2,1,0} all-gather(f32[2,32,64]{2,1,0} %p.1), channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}, metadata={op_name="jit(step_fn)/jvp()/mul"}
-  %all-gather-start.2 = (bf16[64,64]{1,0}, bf16[64,256]{1,0}) all-gather-start(bf16[64,64]{1,0} %w), channel_id=2, dimensions={1}
-  %all-gather-done.2 = bf16[64,256]{1,0} all-gather-done((bf16[64,64]{1,0}, bf16[64,256]{1,0}) %all-gather-start.2)
-  %all-reduce.3 = (f32[64,256]{1,0}, f32[256]{0}) all-reduce(f32[64,256]{1,0} %g.1, f32[256]{0} %g.2), channel_id=3, to_apply=%add
-  %all-reduce.4 = f32[] all-reduce(f32[] %n), channel_id=4, to_apply=%add
-  %fusion.5 = f32[16,256]{1,0} fusion(f32[64,256]{1,0} %g.3), kind=kOutput, calls=%all-reduce-scatter.5
-  %all-to-all.6 = f32[4,2]{1,0} all-to-all(f32[4,2]{1,0} %x), dimensions={0}
-  %add.7 = f32[8]{0} add(f32[8]{0} %a, f32[8]{0} %b)
-"""
+HLO = "\n".join([
+    "",
+    "  %all-gather.1 = f32[8,32,64]{2,1,0} all-gather(f32[2,32,64]{2,1,0} %p.1), channel_id=1, "
+    'replica_groups=[1,4]<=[4], dimensions={0}, metadata={op_name="jit(step_fn)/jvp()/mul"}',
+    "  %all-gather-start.2 = (bf16[64,64]{1,0}, bf16[64,256]{1,0}) all-gather-start("
+    "bf16[64,64]{1,0} %w), channel_id=2, dimensions={1}",
+    "  %all-gather-done.2 = bf16[64,256]{1,0} all-gather-done((bf16[64,64]{1,0}, "
+    "bf16[64,256]{1,0}) %all-gather-start.2)",
+    "  %all-reduce.3 = (f32[64,256]{1,0}, f32[256]{0}) all-reduce(f32[64,256]{1,0} %g.1, "
+    "f32[256]{0} %g.2), channel_id=3, to_apply=%add",
+    "  %all-reduce.4 = f32[] all-reduce(f32[] %n), channel_id=4, to_apply=%add",
+    "  %fusion.5 = f32[16,256]{1,0} fusion(f32[64,256]{1,0} %g.3), kind=kOutput, "
+    "calls=%all-reduce-scatter.5",
+    "  %all-to-all.6 = f32[4,2]{1,0} all-to-all(f32[4,2]{1,0} %x), dimensions={0}",
+    "  %add.7 = f32[8]{0} add(f32[8]{0} %a, f32[8]{0} %b)",
+    "",
+])
 
 
 def test_parse_collectives_kinds_bytes_and_names():
@@ -243,7 +251,7 @@ def test_tpu_v5e_2x2_fsdp_collectives_are_only_gathers_and_gradient_reductions()
   # FSDP adds per-layer weight gathers, gradient reduce-scatters and scalar norm reductions; the
   # only activations that move are the features (gathered over both axes, in up to two steps) and
   # the last vision block's class-token rows (docs/aot.md).
-  assert aot.UNEXPECTED not in roles, [l for l in out["lines"] if "unexpected" in l]
+  assert aot.UNEXPECTED not in roles, [line for line in out["lines"] if "unexpected" in line]
   assert set(roles) <= {aot.FEATURE_GATHER, aot.PARAMETER_GATHER, aot.CLASS_TOKEN,
                         aot.GRADIENT_REDUCTION, aot.SCALAR_REDUCTION}
   assert roles.count(aot.FEATURE_GATHER) >= 5

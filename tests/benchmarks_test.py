@@ -23,25 +23,25 @@ def _run(*args, timeout=240):
 
 def test_train_step_tiny_prints_table_and_summary():
   out = _run("-m", "benchmarks.train_step", "--tiny")
-  summary = [l for l in out.splitlines() if l.startswith("summary: ")]
+  summary = [line for line in out.splitlines() if line.startswith("summary: ")]
   assert len(summary) == 1, out
   assert "tiny-64 dmae float32" in summary[0] and "tiny-64 meanP float32" in summary[0]
   assert "JAX/torch" in summary[0]
-  rows = [l.split() for l in out.splitlines() if l.startswith("tiny-64")]
+  rows = [line.split() for line in out.splitlines() if line.startswith("tiny-64")]
   assert len(rows) == 3  # dmae, meanP, torch
   for r in rows:
     assert float(r[-3]) > 0  # torch seconds
   # The CPU roofline: both matmul rates measured, each step set against its floor.
-  roof = [l for l in out.splitlines() if l.startswith("matmul roofline")]
+  roof = [line for line in out.splitlines() if line.startswith("matmul roofline")]
   assert len(roof) == 1 and "JAX" in roof[0] and "PyTorch" in roof[0], out
   rates = [float(w) for w in roof[0].replace(",", " ").split() if w.replace(".", "").isdigit()]
   assert len(rates) == 2 and min(rates) > 0, roof
-  assert sum("x floor" in l for l in out.splitlines()) == 3  # dmae, meanP, torch
+  assert sum("x floor" in line for line in out.splitlines()) == 3  # dmae, meanP, torch
 
 
 def test_evaluate_tiny_prints_summary():
   out = _run("-m", "benchmarks.evaluate", "--tiny")
-  summary = [l for l in out.splitlines() if l.startswith("summary: ")]
+  summary = [line for line in out.splitlines() if line.startswith("summary: ")]
   assert len(summary) == 1, out
   assert "extrapolated from 4" in out  # 4 of 50 videos encoded, scaled up
 
@@ -50,7 +50,7 @@ def test_tower_flops_matches_layer_by_layer_count():
   from benchmarks import train_step
   from tvr_jax.models.clip import CLIPConfig
   cc = CLIPConfig.preset("ViT-B/32")
-  b, f, l = 3, 12, 32
+  b, f, w = 3, 12, 32
   total = 0
   t = 7 * 7 + 1
   for _ in range(12):  # vision layers: q, k, v, out projections, MLP up/down, QK^T and AV
@@ -58,9 +58,9 @@ def test_tower_flops_matches_layer_by_layer_count():
   total += 2 * 49 * (3 * 32 * 32) * 768 + 2 * 768 * 512
   text = 0
   for _ in range(12):
-    text += 4 * 2 * l * 512 * 512 + 2 * 2 * l * 512 * 2048 + 2 * 2 * l * l * 512
+    text += 4 * 2 * w * 512 * 512 + 2 * 2 * w * 512 * 2048 + 2 * 2 * w * w * 512
   text += 2 * 512 * 512
-  assert train_step.tower_flops(cc, b, f, l) == pytest.approx(3 * (b * f * total + b * text))
+  assert train_step.tower_flops(cc, b, f, w) == pytest.approx(3 * (b * f * total + b * text))
   # ViT-B/32 forward is ~4.4 GMACs = ~8.8 GFLOP per 224 px image (as commonly quoted).
   assert 8.4e9 < total < 9.2e9
 

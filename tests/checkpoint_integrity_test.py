@@ -185,7 +185,8 @@ def test_save_refuses_non_finite_state(tmp_path):
   mgr.save(1, _state(1))
   bad = _state(2)
   bad["params"]["w"] = bad["params"]["w"].at[3, 3].set(jnp.inf)
-  with pytest.raises(checkpointing.CheckpointError, match=r"step 2: non-finite .* params/w.*still step 1"):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"step 2: non-finite .* params/w.*still step 1"):
     mgr.save(2, bad)
   mgr.close()
   assert sorted(os.listdir(tmp_path)) == ["1"]
@@ -272,7 +273,7 @@ def test_disk_full_is_one_error_and_leaves_no_tmp_dir(tmp_path):
                      capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   lines = r.stdout.splitlines()
-  error = [l for l in lines if l.startswith("ERROR")]
+  error = [line for line in lines if line.startswith("ERROR")]
   assert error, r.stdout
   assert f"checkpoint step 2 into {disk}/checkpoints: no space left on the device" in error[0]
   assert "MiB free of 6.0 MiB" in error[0]
@@ -414,8 +415,9 @@ def test_every_difference_is_listed_and_allowing_them_resumes(finished_run, smal
              "optimizer.b2": 0.5, "model.tau": 0.3}
   with pytest.raises(checkpointing.CheckpointError) as e:
     train.train_and_evaluate(_run_config(small_synthetic_data, **changes), run)
-  for line in ("model.contrastive_loss: 'negnce' -> 'infonce'", "optimizer.weight_decay: 0.05 -> 0.9",
-               "optimizer.b2: 0.98 -> 0.5", "model.tau: 0.6 -> 0.3"):
+  for line in ("model.contrastive_loss: 'negnce' -> 'infonce'",
+               "optimizer.weight_decay: 0.05 -> 0.9", "optimizer.b2: 0.98 -> 0.5",
+               "model.tau: 0.6 -> 0.3"):
     assert line in str(e.value), str(e.value)
   c = _run_config(small_synthetic_data, resume_allow_changes=",".join(changes), **changes)
   with caplog.at_level(logging.WARNING):
@@ -472,7 +474,7 @@ def test_disk_full_run_ends_with_one_line_naming_the_workdir(small_synthetic_dat
                      env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT, timeout=600)
   assert "rc=1" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
-  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1, r.stderr[-3000:]
   assert f"cannot write checkpoint step 8 into {workdir}/checkpoints: no space left" in errors[0]
   assert "MiB free of 20.0 MiB" in errors[0]

@@ -17,7 +17,8 @@ from tvr_jax import checkpointing
 
 def _state(width=8, seed=0):
   k = jax.random.key(seed)
-  return {"params": {"dense": {"kernel": jax.random.normal(k, (4, width)), "bias": jnp.zeros((width,))}},
+  return {"params": {"dense": {"kernel": jax.random.normal(k, (4, width)),
+                               "bias": jnp.zeros((width,))}},
           "step": jnp.asarray(seed, jnp.int32)}
 
 
@@ -53,9 +54,11 @@ def test_other_model_size_and_meta_are_clear_errors(tmp_path):
   mgr.save(3, _state(width=8), meta={"clip": "tiny"})
   mgr.wait()
   before = sorted(os.listdir(tmp_path / "3" / "state"))
-  with pytest.raises(checkpointing.CheckpointError, match=r"different model size: params/dense/bias has shape \(8,\)"):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"different model size: params/dense/bias has shape \(8,\)"):
     mgr.restore(3, _abstract(_state(width=16)))
-  with pytest.raises(checkpointing.CheckpointError, match="other settings .*\n  clip: 'tiny' -> 'ViT-B/32'"):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match="other settings .*\n  clip: 'tiny' -> 'ViT-B/32'"):
     mgr.restore(3, _abstract(_state()), {"clip": "ViT-B/32"})
   assert sorted(os.listdir(tmp_path / "3" / "state")) == before
   mgr.close()
@@ -72,7 +75,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     shutil.rmtree(p) if p.is_dir() else p.unlink()
   (state_dir / "garbage").write_text("not a checkpoint")
   mgr = checkpointing.TrainCheckpointManager(tmp_path)
-  with pytest.raises(checkpointing.CheckpointError, match=r"checkpoint .*7.* (unreadable|corrupt|no readable)"):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"checkpoint .*7.* (unreadable|corrupt|no readable)"):
     mgr.restore(7, _abstract(_state()))
   assert (state_dir / "garbage").read_text() == "not a checkpoint"   # nothing overwritten
   mgr.close()
@@ -86,7 +90,8 @@ def test_process_killed_mid_save_keeps_last_good_checkpoint(tmp_path):
     mgr = checkpointing.TrainCheckpointManager({str(tmp_path)!r}, async_save=True)
     small = {{"w": jnp.ones((4,))}}
     mgr.save(1, small); mgr.wait()
-    big = {{"w": jnp.ones((4,)), "x": jnp.ones((64, 1024, 1024))}}   # 256 MB: the write takes a while
+    # 256 MB: the write takes a while
+    big = {{"w": jnp.ones((4,)), "x": jnp.ones((64, 1024, 1024))}}
     mgr.save(2, big)
     # Kill once the write is visibly under way (its tmp directory exists), before it can finalize.
     while not [n for n in os.listdir({str(tmp_path)!r}) if n.startswith("2") and "tmp" in n]:
@@ -95,7 +100,8 @@ def test_process_killed_mid_save_keeps_last_good_checkpoint(tmp_path):
     os.kill(os.getpid(), signal.SIGKILL)
   """)
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert "saving" in proc.stdout
   leftovers = [n for n in os.listdir(tmp_path) if n.startswith("2")]

@@ -139,7 +139,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
                         timeout=1200)
   lines = proc.stdout.strip().splitlines() or [""]
   if proc.returncode == 0 and " skipped" in lines[-1] and " passed" not in lines[-1]:
-    reasons = [l.split(": ", 1)[-1] for l in lines if l.startswith("SKIPPED")]
+    reasons = [line.split(": ", 1)[-1] for line in lines if line.startswith("SKIPPED")]
     pytest.skip(f"in the child on {n} devices: {'; '.join(reasons) or lines[-1]}")
   if proc.returncode != 0 or " passed" not in lines[-1]:
     pytest.fail(f"{pyfuncitem.nodeid} on {n} simulated devices (rc={proc.returncode}): "

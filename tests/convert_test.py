@@ -417,6 +417,6 @@ def test_checkpointing_round_trip_and_atomic(tmp_path):
     checkpointing.restore_pytree(path, {**abstract, "a": {"b": jax.ShapeDtypeStruct((3, 2),
                                                                                      np.float32)}})
   # A tree Orbax cannot save leaves nothing behind.
-  with pytest.raises(Exception):
+  with pytest.raises(ValueError):
     checkpointing.save_pytree(tmp_path / "bad", {"x": object()})
   assert sorted(os.listdir(tmp_path)) == ["ck"]

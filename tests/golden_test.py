@@ -159,9 +159,10 @@ def compute_case(data, prefix: str, dtype=jnp.float32):
   params_w, params_v = params
   all_types, grads_fn, value_fn, raw_grads_fn = _tpm_functions(num_frames, num_words, dim)
 
-  for partial_type, (loss, out) in sorted(all_types(s_ref, w_n, f_n, m_v, params_w,
-                                                    params_v).items()):
+  by_type = sorted(all_types(s_ref, w_n, f_n, m_v, params_w, params_v).items())
+  for partial_type, (loss, _) in by_type:
     preds[f"tpm/loss_type{partial_type}"] = loss
+  out = by_type[-1][1][1]   # the intermediates of the last partial type
   for k in ("a", "b", "tg", "tgp") + tuple(f"T{i}_x{j}" for i in (1, 2, 3) for j in (1, 2)):
     preds[f"tpm/{k}"] = out[k]
   preds["tpm/word_keep"] = out["word_keep"].astype(jnp.int32)

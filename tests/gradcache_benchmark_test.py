@@ -11,13 +11,14 @@ def test_gradcache_benchmark_tiny_prints_memory_rows_and_step_ratio():
                        capture_output=True, text=True, timeout=1200, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
-  rows = [l.split() for l in lines if l.startswith("[memory] tiny-64 batch 16 accum_steps=")]
+  rows = [line.split() for line in lines
+          if line.startswith("[memory] tiny-64 batch 16 accum_steps=")]
   assert len(rows) == 2, out.stdout   # accum_steps 1 and 4
   peaks = [float(r[r.index("peak") + 1]) for r in rows]
   assert all(p > 0 for p in peaks), rows
-  (summary,) = [l for l in lines if l.startswith("summary: ")]
+  (summary,) = [line for line in lines if line.startswith("summary: ")]
   assert "k=1" in summary and "k=4" in summary and "step time k=4 / k=1 at batch 16" in summary
-  (timing,) = [l for l in lines if l.startswith("step time at batch 16")]
+  (timing,) = [line for line in lines if line.startswith("step time at batch 16")]
   ratio = float(timing.split("ratio ")[1].split()[0])
   assert ratio > 0, timing
   # Both programs took the same first step from the same state on the same batch.

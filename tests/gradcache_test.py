@@ -9,9 +9,10 @@ Tolerances. NegNCE in float32 is sensitive: scaling every parameter by (1 + 1e-7
 reference gradient by ~1.5e-5 (global relative; InfoNCE: ~1e-6), so the micro-batched features
 (equal to the full-batch ones to ~1e-7) cannot give agreement much below that. The tests assert
 the loss within 1e-6, the gradient within 5e-5 globally and every leaf's difference within 5e-5
-of the global gradient norm (parameters and updates alike) (leaves whose exact gradient is 0, e.g. attention key biases, carry
-only rounding noise, so a per-leaf relative figure is meaningless for them); the noise floor is
-measured in the same run and the gradcache error must stay within 4x of it.
+of the global gradient norm (parameters and updates alike) (leaves whose exact gradient is 0,
+e.g. attention key biases, carry only rounding noise, so a per-leaf relative figure is
+meaningless for them); the noise floor is measured in the same run and the gradcache error must
+stay within 4x of it.
 """
 
 import json
@@ -98,10 +99,10 @@ def compare(headers, ks, mesh_cfg, batch_size, steps: int = 3) -> dict:
       c = _config(header, batch_size, mesh_cfg)
       state, setup = train.create_train_state(c, mesh, total_steps=10, model_fn=_model_fn)
       batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host_batch.items()}
-      of = lambda p: nnx.merge(setup.graphdef, p, {})  # noqa: E731
+      of = lambda p, setup=setup: nnx.merge(setup.graphdef, p, {})  # noqa: E731
       p0 = state["params"]
 
-      def grads(p, k):
+      def grads(p, k, of=of, batch=batch, setup=setup):
         if k == 1:
           return jax.value_and_grad(lambda q: of(q).loss(batch), has_aux=True)(p)
         return gradcache.value_and_grad(of, p, batch, k, mesh=mesh,

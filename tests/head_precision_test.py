@@ -61,14 +61,15 @@ def test_head_dots_are_highest_by_default(header, token_weights):
     model = _model(precision, header=header, token_weights=token_weights)
     graph, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def head(p, text, tokens, vmask):
+    def head(p, text, tokens, vmask, graph=graph, rest=rest):
       return nnx.merge(graph, p, rest).head_loss(text, tokens, vmask)[0]
     fn = jax.value_and_grad(head)
     dots = _dots(jax.jit(fn).lower(params, text, tokens, vmask).as_text())
     assert len(dots) > 10, dots  # DMAE, TPM-CL predictors, header / token weights, backward
     kinds = {p for pair in dots for p in pair}
     assert kinds == ({"HIGHEST"} if precision == "highest" else {"DEFAULT"}), (precision, kinds)
-    sim_fn = lambda p, *a: nnx.merge(graph, p, rest).similarity(a[:3], a[3:])
+    def sim_fn(p, *a, graph=graph, rest=rest):
+      return nnx.merge(graph, p, rest).similarity(a[:3], a[3:])
     sim_dots = _dots(jax.jit(sim_fn).lower(params, *text, tokens, vmask).as_text())
     assert {p for pair in sim_dots for p in pair} == kinds
     results[precision] = jax.jit(fn)(params, text, tokens, vmask)
@@ -82,7 +83,7 @@ def test_towers_keep_their_precision_in_the_loss():
   counts = {}
   for precision in ("highest", "default"):
     graph, params, rest = nnx.split(_model(precision), nnx.Param, ...)
-    fn = lambda p, b: nnx.merge(graph, p, rest).loss(b)[0]
+    fn = lambda p, b, graph=graph, rest=rest: nnx.merge(graph, p, rest).loss(b)[0]
     dots = _dots(jax.jit(fn).lower(params, batch).as_text())
     counts[precision] = (sum(d == ("HIGHEST", "HIGHEST") for d in dots), len(dots))
   n_highest, n_all = counts["highest"]

@@ -1,4 +1,4 @@
-"""The training-health guard: saturation indicator, the guard's one line, a constructed saturated run."""
+"""The training-health guard: saturation indicator, its one line, a constructed saturated run."""
 
 import jax.numpy as jnp
 import numpy as np

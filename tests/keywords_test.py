@@ -286,5 +286,5 @@ def test_benchmark_quick_prints_summary():
   out = subprocess.run([sys.executable, "-m", "benchmarks.keywords", "--quick"], cwd=root,
                        capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
-  summary = [l for l in out.stdout.splitlines() if l.startswith("summary: ")]
+  summary = [line for line in out.stdout.splitlines() if line.startswith("summary: ")]
   assert len(summary) == 1 and "new captions/s" in summary[0], out.stdout

@@ -98,7 +98,8 @@ def test_checkpoint_of_other_model_or_corrupt_is_clear_error(small_synthetic_dat
   other = smoke_config(small_synthetic_data, num_train_steps=2, clip_preset="tiny")
   with pytest.raises(checkpointing.CheckpointError, match=r"checkpoint .*checkpoints/1 "):
     train.train_and_evaluate(other, workdir)
-  assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "checkpoints").rglob("*")) == listing
+  assert sorted(str(p.relative_to(tmp_path))
+                for p in (tmp_path / "checkpoints").rglob("*")) == listing
 
   # Corrupt: the state item's array store is gone.
   for p in (step_dir / "state").iterdir():
@@ -119,12 +120,14 @@ def test_zero_shot_eval_of_converted_clip(small_synthetic_data, tmp_path):
   model = clip_lib.CLIP(config, rngs=nnx.Rngs(3))
   clip_dir = tmp_path / "clip"
   checkpointing.save_pytree(clip_dir / clip_lib.PARAMS_DIR,
-                            jax.tree.map(lambda x: x, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+                            jax.tree.map(lambda x: x,
+                                         nnx.to_pure_dict(nnx.state(model, nnx.Param))))
   (clip_dir / clip_lib.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
   proc = subprocess.run(
       main_command("smoke", tmp_path / "eval", data_dir=small_synthetic_data, mode="eval",
                    init_from=clip_dir, eval_max_examples=8),
-      env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+      env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT, capture_output=True, text=True,
+      timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "eval" / "eval_step_0.json").read_text())
   assert report["step"] == 0 and report["num_videos"] == 8

@@ -18,7 +18,8 @@ from conftest import REPO_ROOT, main_command, subprocess_env
 WORKER = r"""
 import json, sys
 import jax
-data_dir, out, n_proc, pid, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+data_dir, out, port = sys.argv[1], sys.argv[2], sys.argv[5]
+n_proc, pid = int(sys.argv[3]), int(sys.argv[4])
 if n_proc > 1:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=n_proc,
@@ -48,11 +49,14 @@ for k in range(3):
            for name, v in local_batch.items()}
   state, m = step(state, batch)
   losses.append(float(m["loss"]))
-params = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
-                      if not x.is_fully_addressable else np.asarray(x), state["params"])
+params = jax.tree.map(
+    lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+    if not x.is_fully_addressable else np.asarray(x), state["params"])
 if pid == 0:
-  np.savez(out, **{jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)})
-  print(json.dumps({"losses": losses, "devices": jax.device_count(), "processes": jax.process_count()}))
+  np.savez(out, **{jax.tree_util.keystr(p): x
+                   for p, x in jax.tree_util.tree_leaves_with_path(params)})
+  print(json.dumps({"losses": losses, "devices": jax.device_count(),
+                    "processes": jax.process_count()}))
 """
 
 
@@ -93,11 +97,13 @@ def test_two_processes_equal_one(small_synthetic_data, tmp_path):
   port = _free_port()
   # All three processes at once: XLA compiles on one core per process.
   two = _start(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data,
-                            str(tmp_path / "two.npz"), "2", str(pid), str(port)], 2, small_synthetic_data)
+                            str(tmp_path / "two.npz"), "2", str(pid), str(port)],
+               2, small_synthetic_data)
   one = _start(lambda pid: [sys.executable, "-c", WORKER, small_synthetic_data,
                             str(tmp_path / "one.npz"), "1", "0", "0"], 1, small_synthetic_data)
   two, one = _wait(two), _wait(one)
-  info2, info1 = json.loads(two[0][0].strip().splitlines()[-1]), json.loads(one[0][0].strip().splitlines()[-1])
+  info2 = json.loads(two[0][0].strip().splitlines()[-1])
+  info1 = json.loads(one[0][0].strip().splitlines()[-1])
   assert info2["devices"] == 2 and info2["processes"] == 2 and info1["devices"] == 1
   np.testing.assert_allclose(info2["losses"], info1["losses"], rtol=1e-5)
   a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")

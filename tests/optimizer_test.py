@@ -17,7 +17,8 @@ def _params():
   rng = np.random.default_rng(0)
   return {
       "clip": {"visual": {"proj": rng.normal(size=(4, 3)).astype(np.float32),
-                          "ln_post": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}},
+                          "ln_post": {"scale": np.ones(3, np.float32),
+                                      "bias": np.zeros(3, np.float32)}},
                "token_embedding": {"embedding": rng.normal(size=(5, 3)).astype(np.float32)},
                "logit_scale": np.float32(math.log(1 / 0.07))},
       "head": {"dense": {"kernel": rng.normal(size=(3, 3)).astype(np.float32),
@@ -38,7 +39,8 @@ def _reference(params, grads_seq, total_steps):
       g = {k: x / norm for k, x in g.items()}
     for k in flat:
       peak = 1e-3 if k.startswith("clip/") else 1e-2
-      lr = peak * t / warm if t < warm else peak * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total_steps - warm)))
+      lr = (peak * t / warm if t < warm else
+            peak * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total_steps - warm))))
       m[k] = 0.9 * m[k] + 0.1 * g[k]
       v[k] = 0.98 * v[k] + 0.02 * g[k] ** 2
       mh, vh = m[k] / (1 - 0.9 ** (t + 1)), v[k] / (1 - 0.98 ** (t + 1))
@@ -61,7 +63,8 @@ def test_chain_matches_numpy_adamw():
   tx, schedules = optimizer.build(CONFIG, total, params)
   assert set(schedules) == {r"^clip/", r".*"}
   rng = np.random.default_rng(1)
-  grads_seq = [jax.tree.map(lambda x: (rng.normal(size=np.shape(x)) * 0.7).astype(np.float32), params)
+  grads_seq = [jax.tree.map(lambda x: (rng.normal(size=np.shape(x)) * 0.7).astype(np.float32),
+                            params)
                for _ in range(12)]
   state = tx.init(params)
   p = jax.tree.map(jnp.asarray, params)

@@ -213,8 +213,8 @@ def make_activitynet(root: str) -> str:
   """ActivityNet Captions tree: train.json, val_1.json, train_ids.json, val_ids.json, videos.
 
   train: v_aaa (`v_aaa.mp4`, 5 s; sentences at [2.0, 4.0] " then he sits.", [0.0, 2.5]
-    "A man walks." - stored out of time order), v_bbb (stored as `bbb.mp4`, CLIP4Clip's id without "v_", 3 s;
-    one sentence), v_ccc (listed, no file), v_ddd (timestamps and sentences
+    "A man walks." - stored out of time order), v_bbb (stored as `bbb.mp4`, CLIP4Clip's id
+    without "v_", 3 s; one sentence), v_ccc (listed, no file), v_ddd (timestamps and sentences
     of different lengths: malformed), v_aaa listed twice in train_ids.json (duplicate).
   val: v_eee (`v_eee.avi`, 4 s; two sentences, one not UTF-8), v_fff (truncated file).
   """

@@ -1,6 +1,6 @@
-"""Two-stage retrieval: chunked exact top-k vs brute force, re-scoring vs brute-force DMAE / max-mean
-loops, text and video queries on rendered videos (planted encoder), end to end with a real tiny
-model (CLI), and refusal of another model."""
+"""Two-stage retrieval: chunked exact top-k vs brute force, re-scoring vs brute-force DMAE /
+max-mean loops, text and video queries on rendered videos (planted encoder), end to end with a
+real tiny model (CLI), and refusal of another model."""
 
 import json
 import os
@@ -68,13 +68,13 @@ def _planted_index(tmp_path, tokens, mask):
 def test_rescoring_is_dmae_on_the_shortlist(tmp_path):
   """Stage 2 re-ranks the stage-1 shortlist by brute-force DMAE (no visual attention here)."""
   rng = np.random.default_rng(1)
-  n, f, d, l = 40, 4, 8, 5
+  n, f, d, w = 40, 4, 8, 5
   tokens = _unit(rng.normal(size=(n, f, d))).astype(np.float32)
   mask = np.ones((n, f), np.int32)
   mask[::3, 3] = 0
   tokens[mask == 0] = 0
   sent = _unit(rng.normal(size=(1, d))).astype(np.float32)
-  words = _unit(rng.normal(size=(1, l, d))).astype(np.float32)
+  words = _unit(rng.normal(size=(1, w, d))).astype(np.float32)
   wmask = np.array([[1, 1, 1, 0, 0]], np.int32)
   idx = _planted_index(tmp_path, tokens, mask)
   searcher = retrieve.Searcher(idx, _PlantedModel({"q": (sent, words, wmask)}), shortlist=12,
@@ -167,7 +167,8 @@ def test_end_to_end_real_tiny_model(tmp_path, capsys):
   assert lines[0].split() == ["rank", "score", "file", "duration"] and len(lines) == 5
   assert lines[1].split()[2] == "blue_triangle.mp4" and float(lines[1].split()[1]) > 0.9999
   # Text: the ranking equals the model's own DMAE similarity over all (4 <= shortlist) videos.
-  assert search_cli.main(["--index", out, "a large red circle moves to the left", "--top", "4"]) == 0
+  assert search_cli.main(["--index", out, "a large red circle moves to the left",
+                          "--top", "4"]) == 0
   ranked = [ln.split()[2] for ln in capsys.readouterr().out.splitlines()[1:]]
   model = model_lib.load_retrieval_model(ckpt)
   idx = index_lib.SearchIndex.load(out)

@@ -1,6 +1,6 @@
-"""The search page and API: JSON search, Range requests, refusal of traversal / unknown ids / foreign
-Host headers, security headers, and the page driven in headless Chromium (results, screenshot under
-test-artifacts/, an HTML-injection query rendered as text)."""
+"""The search page and API: JSON search, Range requests, refusal of traversal / unknown ids /
+foreign Host headers, security headers, and the page driven in headless Chromium (results,
+screenshot under test-artifacts/, an HTML-injection query rendered as text)."""
 
 import http.client
 import json
@@ -171,7 +171,8 @@ def test_page_in_headless_chromium(served):
         const v = document.querySelector('article.card video');
         const once = (name) => new Promise((ok, fail) => {
           v.addEventListener(name, ok, {once: true});
-          v.addEventListener('error', () => fail(new Error('media error ' + v.error.code)), {once: true});
+          v.addEventListener('error', () => fail(new Error('media error ' + v.error.code)),
+                             {once: true});
           setTimeout(() => fail(new Error('timeout waiting for ' + name)), 10000);
         });
         v.preload = 'auto'; v.load(); await once('loadedmetadata');

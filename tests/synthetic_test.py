@@ -1,4 +1,4 @@
-"""Synthetic set: single frames hide the direction, frame order reveals it, builds through data_prep."""
+"""Synthetic set: single frames hide the direction, frame order reveals it; built by data_prep."""
 
 import dataclasses
 import hashlib

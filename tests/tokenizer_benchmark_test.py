@@ -15,9 +15,9 @@ def test_tiny_run_prints_all_tokenizers_with_open_clip_ids():
                        text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
-  cpu = [l for l in lines if l.startswith("CPU: ")]
+  cpu = [line for line in lines if line.startswith("CPU: ")]
   assert len(cpu) == 1 and "cores)" in cpu[0] and "load average" in cpu[0], out.stdout
-  rows = {l.split()[1]: l.split() for l in lines if l.startswith("plain ")}
+  rows = {line.split()[1]: line.split() for line in lines if line.startswith("plain ")}
   assert set(rows) == set(bench.IMPLEMENTATIONS), out.stdout
   assert "git f514d89" in " ".join(rows["hand-written"])
   for name, cells in rows.items():
@@ -25,7 +25,7 @@ def test_tiny_run_prints_all_tokenizers_with_open_clip_ids():
     # import, build, first call seconds, then cold, warm, warm-per-CPU captions/s.
     numbers = [float(c.replace(",", "")) for c in cells[-7:-1]]
     assert min(numbers[3:]) > 0 and min(numbers[:3]) >= 0, cells
-  summary = [l for l in lines if l.startswith("summary: ")]
+  summary = [line for line in lines if line.startswith("summary: ")]
   assert len(summary) == 1 and all(n in summary[0] for n in bench.IMPLEMENTATIONS), out.stdout
 
 

@@ -20,7 +20,8 @@ _WORDS = ("a man woman dog cat is are playing guitar running on the beach in par
 _NUMBERS = ["0", "7", "42", "3.14", "1,000", "2nd", "1990s", "10:30", "-5", "100%", "$20", "v2.0",
             "٣", "५", "Ⅻ", "½", "²"]
 _PUNCT = list(".,!?;:'\"()-[]{}/\\@#$%^*_+=<>|~`") + ["...", "…", "—", "–", "!!", "?!", "-->"]
-_CONTRACTIONS = ["don't", "it's", "we're", "I'M", "they'll", "she'd", "you've", "O'Neil", "rock'n'roll"]
+_CONTRACTIONS = ["don't", "it's", "we're", "I'M", "they'll", "she'd", "you've", "O'Neil",
+                 "rock'n'roll"]
 _SCRIPTS = ["日本語のテキスト", "中文字幕", "한국어 문장", "русский текст", "ελληνικά", "العربية",
             "עברית", "हिन्दी", "ภาษาไทย", "Ünïcödé", "naïve façade", "straße", "ﬁne ﬂow",
             "Ｆｕｌｌｗｉｄｔｈ", "ǅemal", "İstanbul", "ΣΊΣΥΦΟΣ"]
@@ -123,8 +124,9 @@ def test_vocabulary_matches_open_clip(open_clip):
   assert ours.vocab_size == len(ref.encoder) == 49408
   assert (ours.sot_token_id, ours.eot_token_id) == (ref.sot_token_id, ref.eot_token_id)
   assert (ours.sot_token_id, ours.eot_token_id) == (49406, 49407)
-  assert [ours.decode([i], skip_special_tokens=False) for i in (0, 256, 511, 512, 30000, 49405)] == [
-      ref.decode([i]).rstrip(" ") for i in (0, 256, 511, 512, 30000, 49405)]
+  ids = (0, 256, 511, 512, 30000, 49405)
+  assert [ours.decode([i], skip_special_tokens=False) for i in ids] == [
+      ref.decode([i]).rstrip(" ") for i in ids]
 
 
 def test_truncation_keeps_eot():
@@ -137,7 +139,8 @@ def test_truncation_keeps_eot():
     assert row[0] == 49406 and row[-1] == 49407
     assert row[1:-1].tolist() == full[:length - 2]
   short = tok_lib.tokenize("a dog", context_length=8)[0]
-  assert short.tolist() == [49406] + tok.encode("a dog") + [49407] + [0] * (8 - 2 - len(tok.encode("a dog")))
+  assert short.tolist() == ([49406] + tok.encode("a dog") + [49407]
+                            + [0] * (8 - 2 - len(tok.encode("a dog"))))
 
 
 def test_decode_round_trips_plain_text():
@@ -148,8 +151,10 @@ def test_decode_round_trips_plain_text():
     row = tok_lib.tokenize(text)[0]
     assert tok.decode(row) == text  # SOT dropped, stops at EOT, padding ignored
   # Every regex word ends in `</w>`, so decoding puts a space after punctuation and each digit.
-  assert tok.decode(tok.encode("Two dogs, one ball! 42 times?")) == "two dogs , one ball ! 4 2 times ?"
-  assert tok.decode([49406, 320, 49407, 0], skip_special_tokens=False) == "<start_of_text>a <end_of_text>!"
+  assert (tok.decode(tok.encode("Two dogs, one ball! 42 times?"))
+          == "two dogs , one ball ! 4 2 times ?")
+  assert (tok.decode([49406, 320, 49407, 0], skip_special_tokens=False)
+          == "<start_of_text>a <end_of_text>!")
 
 
 def test_bad_input_raises_clear_errors(tmp_path):

@@ -1,5 +1,5 @@
-"""Tests for tvr_jax.train: sharded step equivalence, one-step end-to-end, exact resume, NaN handling,
-and the synthetic config's learning check.
+"""Tests for tvr_jax.train: sharded step equivalence, one-step end-to-end, exact resume,
+NaN handling, and the synthetic config's learning check.
 
 The small synthetic dataset (`small_synthetic_data`, 64 train / 32 test clips, tests/conftest.py)
 is built once per session and shared with main_test.py and multihost_test.py.
@@ -87,7 +87,8 @@ def test_sharded_step_equals_single_device(tmp_path):
 
 def test_train_and_evaluate_one_step(small_synthetic_data, tmp_path):
   """The real train_and_evaluate for one step: checkpoint, eval JSON, TensorBoard."""
-  c = smoke_config(small_synthetic_data, num_train_steps=1, checkpoint_every=1, eval_max_examples=16)
+  c = smoke_config(small_synthetic_data, num_train_steps=1, checkpoint_every=1,
+                   eval_max_examples=16)
   metrics = train.train_and_evaluate(c, str(tmp_path))
   assert 0.0 <= metrics["t2v/R@1"] <= 100.0 and "dsl/t2v/R@1" in metrics and "v2t/MnR" in metrics
   report = json.loads((tmp_path / "eval_step_1.json").read_text())
@@ -112,9 +113,11 @@ def test_sigkill_and_resume_is_bit_identical(small_synthetic_data, tmp_path):
   flags = dict(data_dir=small_synthetic_data, num_train_steps=steps, checkpoint_every=4,
                eval_max_examples=16, progress_bar=False)
   ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-  ref = subprocess.Popen(main_command("smoke", ref_dir, **flags), env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
+  ref = subprocess.Popen(main_command("smoke", ref_dir, **flags),
+                         env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  proc = subprocess.Popen(main_command("smoke", run_dir, **flags), env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
+  proc = subprocess.Popen(main_command("smoke", run_dir, **flags),
+                          env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_dir = run_dir / "checkpoints"
   deadline = time.time() + 240
@@ -127,10 +130,12 @@ def test_sigkill_and_resume_is_bit_identical(small_synthetic_data, tmp_path):
   proc.wait()
   killed_at = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   assert killed_at and max(killed_at) < steps
-  resumed = subprocess.run(main_command("smoke", run_dir, **flags), env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
+  resumed = subprocess.run(main_command("smoke", run_dir, **flags),
+                           env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resuming from checkpoint {ckpt_dir}/{max(killed_at)}" in resumed.stdout   # the console line
+  # the console line
+  assert f"resuming from checkpoint {ckpt_dir}/{max(killed_at)}" in resumed.stdout
   _, ref_err = ref.communicate(timeout=300)
   assert ref.returncode == 0, ref_err[-3000:]
   ref_state, ref_metrics = _read_final(ref_dir, steps)
@@ -147,7 +152,8 @@ def test_nan_loss_stops_with_step_and_saves_nothing(small_synthetic_data, tmp_pa
   c = smoke_config(small_synthetic_data, num_train_steps=6, checkpoint_every=1, log_every=3)
   c.optimizer.groups = [(".*", 1e30)]   # step 0 (lr 0) is fine, step 1 blows the weights up
   c.optimizer.grad_clip_norm = 0.0
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradient at step \d") as e:
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"non-finite loss or gradient at step \d") as e:
     train.train_and_evaluate(c, str(tmp_path))
   first_bad = int(str(e.value).split("at step ")[1].split()[0])
   assert 1 <= first_bad < 6
@@ -207,8 +213,9 @@ def test_sigterm_saves_and_exits_cleanly(small_synthetic_data, tmp_path):
   """SIGTERM (preemption): the run checkpoints the step it is on and exits 0."""
   flags = dict(data_dir=small_synthetic_data, num_train_steps=400, checkpoint_every=4,
                eval_max_examples=8, progress_bar=False)
-  proc = subprocess.Popen(main_command("smoke", tmp_path, **flags), env=subprocess_env(small_synthetic_data),
-                          cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(main_command("smoke", tmp_path, **flags),
+                          env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   ckpt_dir = tmp_path / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
