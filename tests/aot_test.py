@@ -14,7 +14,6 @@ import textwrap
 
 import pytest
 
-from conftest import run_with_devices
 from tvr_jax import aot
 
 # A tiny version of the MSR-VTT recipe (the real step, head and losses; tiny towers).
@@ -218,18 +217,18 @@ DP_STRUCTURE = {"all-gather": 5, "all-reduce": 1, "reduce-scatter": 0, "all-to-a
                 "collective-permute": 0}
 
 
+@pytest.mark.devices(4)
 def test_cpu_4_devices_data_parallel_collectives_are_exactly_the_design():
   # 4 simulated CPU devices: XLA:CPU keeps every collective as the partitioner made it.
-  out = run_with_devices(textwrap.dedent(TINY) + """
-import json, jax
-from tvr_jax import aot, sharding
-c = tiny(mesh_data=4, mesh_fsdp=1)
-r = aot.compile_train_step(c, sharding.make_mesh(c.mesh.to_dict(), jax.devices()))
-print(json.dumps({"summary": aot.collective_summary(r.collectives), "roles": r.roles}))
-""", n_devices=4)
-  out = json.loads(out.strip().splitlines()[-1])
-  assert {k: v[0] for k, v in out["summary"].items()} == DP_STRUCTURE, out["summary"]
-  assert sorted(out["roles"]) == [aot.FEATURE_GATHER] * 5 + [aot.GRADIENT_REDUCTION]
+  import jax
+  from tvr_jax import sharding
+  scope: dict = {}
+  exec(textwrap.dedent(TINY), scope)   # the same tiny recipe the compile-only children use
+  c = scope["tiny"](mesh_data=4, mesh_fsdp=1)
+  r = aot.compile_train_step(c, sharding.make_mesh(c.mesh.to_dict(), jax.devices()))
+  summary = aot.collective_summary(r.collectives)
+  assert {k: v[0] for k, v in summary.items()} == DP_STRUCTURE, summary
+  assert sorted(r.roles) == [aot.FEATURE_GATHER] * 5 + [aot.GRADIENT_REDUCTION]
 
 
 def test_tpu_v5e_2x2_data_parallel_fits_memory_and_collectives():
