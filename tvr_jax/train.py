@@ -640,9 +640,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
   t_log, step_log = time.perf_counter(), step
-  # Console metric lines at most once per epoch (the progress bar shows loss and clips/s live);
+  # Console metric lines about once per epoch, on a log step (the progress bar shows loss and
+  # clips/s live);
   # every `log_every` steps go to the log file and TensorBoard.
-  console_every = max(config.log_every, steps_per_epoch)
+  console_every = config.log_every * max(1, round(steps_per_epoch / config.log_every))
   guard = health.SaturationGuard(config.saturation_window, config.saturation_policy)
   try:
     with _Preemption() as preemption:
