@@ -119,7 +119,7 @@ def test_paired_bootstrap():
 
 def test_smoke_run_two_rows_then_rerun_skips(tmp_path, capsys):
   """1 seed, 2 rows, 2 steps each on a 32-clip test split; the re-run trains nothing."""
-  from train_test import build_synthetic
+  from conftest import build_synthetic
   root = str(tmp_path / "synth")
   data_dir = build_synthetic(root, num_train=32, num_val=4, num_test=16)
   out = str(tmp_path / "grid")

@@ -231,8 +231,8 @@ def test_train_iterator_follows_the_config_switch(monkeypatch):
 
   config = get_base_config()
   monkeypatch.setattr(data_lib, "TrainIterator", Recorder)
-  monkeypatch.setattr(train, "open_split", lambda config, name: None)
-  monkeypatch.setattr(train, "frame_cache", lambda config, split: None)
+  monkeypatch.setattr(train.datasets, "open_split", lambda config, name: None)
+  monkeypatch.setattr(train.datasets, "frame_cache", lambda config, split: None)
   monkeypatch.setattr(train.sharding, "batch_sharding", lambda mesh: None)
   for on in (False, True):
     config.model.keyword_weighting = on

@@ -124,7 +124,9 @@ def test_main_in_two_processes(small_synthetic_data, tmp_path):
         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
 
   outs = _run(args, 2, small_synthetic_data)
-  assert "process 0 of 2" in outs[0][1] and "process 1 of 2" in outs[1][1]
+  # Process 0 prints the run header; each process logs its own file (log.txt, log_p1.txt).
+  assert "over 2 process(es)" in outs[0][0], outs[0][0][-2000:]
+  assert (workdir / "log.txt").is_file() and (workdir / "log_p1.txt").is_file()
   report = json.loads((workdir / "eval_step_2.json").read_text())
   assert report["num_videos"] == 8 and "t2v/R@1" in report["metrics"]
   data = json.loads((workdir / "checkpoints" / "2" / "data" / "metadata").read_text())
