@@ -215,7 +215,7 @@ def test_sigterm_saves_and_exits_cleanly(small_synthetic_data, tmp_path):
                eval_max_examples=8, progress_bar=False)
   proc = subprocess.Popen(main_command("smoke", tmp_path, **flags),
                           env=subprocess_env(small_synthetic_data), cwd=REPO_ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   ckpt_dir = tmp_path / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -223,9 +223,9 @@ def test_sigterm_saves_and_exits_cleanly(small_synthetic_data, tmp_path):
       break
     time.sleep(0.01)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
+  out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
-  stopped = int(err.split("stopping at step ")[1].split()[0])
+  stopped = int(out.split("stopping at step ")[1].split()[0])   # the console line (stdout)
   assert 4 <= stopped < 400
   mgr = checkpointing.TrainCheckpointManager(ckpt_dir)
   assert mgr.latest_step() == stopped   # saved at the step it stopped on, not only every 4
