@@ -225,7 +225,9 @@ def test_sigterm_saves_and_exits_cleanly(small_synthetic_data, tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
-  stopped = int(out.split("stopping at step ")[1].split()[0])   # the console line (stdout)
+  del out
+  log = (tmp_path / "log.txt").read_text()   # the console line is logged there too
+  stopped = int(log.split("stopping at step ")[1].split()[0])
   assert 4 <= stopped < 400
   mgr = checkpointing.TrainCheckpointManager(ckpt_dir)
   assert mgr.latest_step() == stopped   # saved at the step it stopped on, not only every 4
