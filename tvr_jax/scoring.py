@@ -46,6 +46,19 @@ class ChunkPlan:
     return self.temp_bytes + self.argument_bytes + self.output_bytes
 
 
+def _host_features(text_feats, video_feats, word_weights, frame_weights):
+  """(sent, words, tmask, tokens, vmask) as NumPy, with their shapes and the weights checked."""
+  sent, words, tmask = (np.asarray(x) for x in text_feats)
+  tokens, vmask = (np.asarray(x) for x in video_feats)
+  if (word_weights is None) != (frame_weights is None):
+    raise ValueError("give both word_weights and frame_weights, or neither")
+  if (words.shape[0] != sent.shape[0] or tmask.shape != words.shape[:2]
+      or vmask.shape != tokens.shape[:2]):
+    raise ValueError(f"inconsistent feature shapes: sentence {sent.shape}, words {words.shape}, "
+                     f"text mask {tmask.shape}, tokens {tokens.shape}, video mask {vmask.shape}")
+  return sent, words, tmask, tokens, vmask
+
+
 def _block_fn(sent, words, tmask, tokens, vmask, word_w, frame_w, *, kwargs, precision):
   with dmae.head_precision_scope(precision):
     return dmae.dmae_similarity(sent, words, tmask, tokens, vmask, word_weights=word_w,
@@ -162,14 +175,9 @@ class ChunkedScorer:
     Returns:
       S as np.ndarray float32 [Nt, Nv].
     """
-    sent, words, tmask = (np.asarray(x) for x in text_feats)
-    tokens, vmask = (np.asarray(x) for x in video_feats)
-    if (word_weights is None) != (frame_weights is None):
-      raise ValueError("give both word_weights and frame_weights, or neither")
+    sent, words, tmask, tokens, vmask = _host_features(text_feats, video_feats, word_weights,
+                                                       frame_weights)
     nt, nv = sent.shape[0], tokens.shape[0]
-    if words.shape[0] != nt or tmask.shape != words.shape[:2] or vmask.shape != tokens.shape[:2]:
-      raise ValueError(f"inconsistent feature shapes: sentence {sent.shape}, words {words.shape}, "
-                       f"text mask {tmask.shape}, tokens {tokens.shape}, video mask {vmask.shape}")
     if nt == 0 or nv == 0:
       return np.zeros((nt, nv), np.float32)
     weighted = word_weights is not None
@@ -313,14 +321,9 @@ class ShardedScorer(ChunkedScorer):
     Args: as `ChunkedScorer.__call__`. Together the processes return every row exactly once.
     """
     from jax.sharding import PartitionSpec as P
-    sent, words, tmask = (np.asarray(x) for x in text_feats)
-    tokens, vmask = (np.asarray(x) for x in video_feats)
-    if (word_weights is None) != (frame_weights is None):
-      raise ValueError("give both word_weights and frame_weights, or neither")
+    sent, words, tmask, tokens, vmask = _host_features(text_feats, video_feats, word_weights,
+                                                       frame_weights)
     nt, nv = sent.shape[0], tokens.shape[0]
-    if words.shape[0] != nt or tmask.shape != words.shape[:2] or vmask.shape != tokens.shape[:2]:
-      raise ValueError(f"inconsistent feature shapes: sentence {sent.shape}, words {words.shape}, "
-                       f"text mask {tmask.shape}, tokens {tokens.shape}, video mask {vmask.shape}")
     if nt == 0 or nv == 0:
       return np.zeros((0,), np.int64), np.zeros((0, nv), np.float32)
     weighted = word_weights is not None
