@@ -1,7 +1,7 @@
 r"""The paper's component ablation as one command: CLIP4Clip baseline -> DMAE -> NegNCE -> TPM-CL.
 
-  python benchmarks/ablation.py --quick --out runs/ablation          # synthetic set, this CPU
-  python benchmarks/ablation.py --config=configs/msrvtt.py --out runs/ablation_msrvtt \
+  python -m benchmarks.ablation --quick --out runs/ablation          # synthetic set, this CPU
+  python -m benchmarks.ablation --config=configs/msrvtt.py --out runs/ablation_msrvtt \
       --set init_from=checkpoints/ViT-B-32                           # a real set, pretrained CLIP
 
 Rows (each one the previous row plus one switch, except the last two, which branch off TPM-CL 4):
@@ -40,11 +40,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 QUICK_STEPS = 160
 QUICK_CONFIG = "configs/synthetic.py"
@@ -389,7 +387,7 @@ def main(argv=None) -> str:
   cell_s = sum(c["seconds"] for cs in cells.values() for c in cs)
   ceiling = next((c["static_ceiling"] for cs in cells.values() for c in cs
                   if "static_ceiling" in c), None)
-  text = ("command: python benchmarks/ablation.py "
+  text = ("command: python -m benchmarks.ablation "
           f"{' '.join(sys.argv[1:] if argv is None else argv)}\n"
           f"machine: {common.machine()}; date: {common.today()}; "
           f"config {args.config}, {'%d steps' % steps if steps and steps > 0 else 'its epochs'} "

@@ -1,7 +1,7 @@
 """Cost of checkpoint integrity: per-leaf checksums at save, verification at restore.
 
-    .venv/bin/python benchmarks/checkpoint_integrity.py            # tiny-64 and ViT-B/32 states
-    .venv/bin/python benchmarks/checkpoint_integrity.py --quick    # tiny-64 only (seconds)
+    .venv/bin/python -m benchmarks.checkpoint_integrity            # tiny-64 and ViT-B/32 states
+    .venv/bin/python -m benchmarks.checkpoint_integrity --quick    # tiny-64 only (seconds)
 
 The train state (parameters + Adam moments + counters) has the leaf shapes of the synthetic
 config's model with the given CLIP preset, filled with random values. For each size it reports the
@@ -14,18 +14,15 @@ include it (save: checksums + finiteness before writing; restore: verification a
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from configs import synthetic  # noqa: E402
-from tvr_jax import checkpointing, sharding, train  # noqa: E402
+from benchmarks import common
+from configs import synthetic
+from tvr_jax import checkpointing, sharding, train
 
 
 def random_state(preset: str):

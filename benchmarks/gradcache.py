@@ -1,10 +1,10 @@
 r"""Gradient caching (`config.accum_steps`): peak memory per device and step time against k = 1.
 
-  python benchmarks/gradcache.py               # ViT-B/32, 12 x 224 px, L=32: memory at batch 128
+  python -m benchmarks.gradcache               # ViT-B/32, 12 x 224 px, L=32: memory at batch 128
                                                #   for k = 1, 2, 4, 8 (compile only), then step
                                                #   time of k = 4 vs 1 at batch 8 (runs)
-  python benchmarks/gradcache.py --tiny        # smoke test: tiny CLIP at 64 px, seconds
-  python benchmarks/gradcache.py --memory_batch 256 --accum 1,4,16 --time_batch 0
+  python -m benchmarks.gradcache --tiny        # smoke test: tiny CLIP at 64 px, seconds
+  python -m benchmarks.gradcache --memory_batch 256 --accum 1,4,16 --time_batch 0
 
 Memory: the real `tvr_jax.train.make_train_step` (DMAE, NegNCE, TPM-CL T1+T2+T3, AdamW) is lowered
 against the abstract train state (`train.abstract_train_state`: nothing is allocated, no weights
@@ -20,18 +20,14 @@ Step time: both programs run on the same random batch in the same process, inter
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from benchmarks import train_step as train_step_bench  # noqa: E402
-from tvr_jax import sharding, train  # noqa: E402
+from benchmarks import common
+from benchmarks import train_step as train_step_bench
+from tvr_jax import sharding, train
 
 GIB = 2.0 ** 30
 
@@ -112,7 +108,8 @@ def parse_args(argv=None):
   p.add_argument("--max_words", type=int, default=32)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", action="store_true")
-  p.add_argument("--memory_batch", type=int, default=128, help="global batch of the memory rows")
+  p.add_argument("--memory_batch", type=int, default=128,
+                 help="global batch of the memory rows (0: none)")
   p.add_argument("--accum", default="1,2,4,8", help="accum_steps of the memory rows")
   p.add_argument("--time_batch", type=int, default=8, help="global batch timed (0: no timing)")
   p.add_argument("--time_accum", type=int, default=4, help="accum_steps timed against 1")
@@ -135,15 +132,19 @@ def main(argv=None):
         f"{jax.device_count()} device(s); {common.today()}")
   print(f"model: {args.clip}, {args.frames} frames x {image_size} px, L={args.max_words}, DMAE + "
         f"NegNCE + TPM-CL type 4, {args.dtype}{', remat' if args.remat else ''}")
-  mem = memory_rows(args.clip, image_size, args.frames, args.max_words, args.memory_batch, accums,
-                    args.dtype, args.remat, mesh)
-  base_peak = next((r["peak"] for r in mem if r["k"] == 1), float("nan"))
-  common.print_table(
-      ["accum_steps", "micro-batch", "peak GiB/device", "temporaries GiB", "vs k=1", "compile s"],
-      [[r["k"], args.memory_batch // r["k"], f"{r['peak'] / GIB:.2f}", f"{r['temp'] / GIB:.2f}",
-        f"{r['peak'] / base_peak:.2f}", f"{r['compile_s']:.1f}"] for r in mem])
-  parts = [f"memory at batch {args.memory_batch}: " + ", ".join(
-      f"k={r['k']} {r['peak'] / GIB:.2f} GiB" for r in mem)]
+  mem, parts = [], []
+  if args.memory_batch > 0:
+    mem = memory_rows(args.clip, image_size, args.frames, args.max_words, args.memory_batch,
+                      accums, args.dtype, args.remat, mesh)
+    base_peak = next((r["peak"] for r in mem if r["k"] == 1), float("nan"))
+    common.print_table(
+        ["accum_steps", "micro-batch", "peak GiB/device", "temporaries GiB", "vs k=1",
+         "compile s"],
+        [[r["k"], args.memory_batch // r["k"], f"{r['peak'] / GIB:.2f}",
+          f"{r['temp'] / GIB:.2f}", f"{r['peak'] / base_peak:.2f}", f"{r['compile_s']:.1f}"]
+         for r in mem])
+    parts.append(f"memory at batch {args.memory_batch}: " + ", ".join(
+        f"k={r['k']} {r['peak'] / GIB:.2f} GiB" for r in mem))
   if args.time_batch > 0:
     t = time_rows(args.clip, image_size, args.frames, args.max_words, args.time_batch,
                   args.time_accum, args.dtype, args.repeats, args.warmup, mesh)

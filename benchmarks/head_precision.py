@@ -1,7 +1,7 @@
 """Cost of `RetrievalConfig.head_precision`: head + loss forward and backward, highest vs default.
 
-    .venv/bin/python benchmarks/head_precision.py            # B 128, L 32, F 12, D 512 (the recipe)
-    .venv/bin/python benchmarks/head_precision.py --quick    # B 16 (seconds)
+    .venv/bin/python -m benchmarks.head_precision            # B 128, L 32, F 12, D 512 (the recipe)
+    .venv/bin/python -m benchmarks.head_precision --quick    # B 16 (seconds)
 
 Times `RetrievalModel.head_loss` (meanP header, DMAE similarity, NegNCE, TPM-CL) with its gradient
 with respect to the head's parameters and the input features, on random unit features (the cost
@@ -11,19 +11,16 @@ precision either way, so the two rows should agree; on a GPU "default" allows TF
 """
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flax import nnx
+import jax
+import numpy as np
 
-from flax import nnx  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from tvr_jax.models.clip import CLIPConfig  # noqa: E402
-from tvr_jax.models.retrieval import RetrievalConfig, RetrievalModel  # noqa: E402
+from benchmarks import common
+from tvr_jax.models.clip import CLIPConfig
+from tvr_jax.models.retrieval import RetrievalConfig, RetrievalModel
 
 
 def features(b: int, length: int, f: int, d: int, seed: int = 0):

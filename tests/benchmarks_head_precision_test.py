@@ -7,8 +7,9 @@ from conftest import REPO_ROOT
 
 
 def test_head_precision_benchmark_prints_both_settings():
-  out = subprocess.run([sys.executable, "benchmarks/head_precision.py", "--batch", "4", "--words",
-                        "8", "--frames", "3", "--dim", "32", "--repeats", "1"], cwd=REPO_ROOT,
+  out = subprocess.run([sys.executable, "-m", "benchmarks.head_precision", "--batch", "4",
+                        "--words", "8", "--frames", "3", "--dim", "32", "--repeats", "1"],
+                       cwd=REPO_ROOT,
                        capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()

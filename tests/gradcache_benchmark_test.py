@@ -7,7 +7,7 @@ from conftest import REPO_ROOT
 
 
 def test_gradcache_benchmark_tiny_prints_memory_rows_and_step_ratio():
-  out = subprocess.run([sys.executable, "benchmarks/gradcache.py", "--tiny"], cwd=REPO_ROOT,
+  out = subprocess.run([sys.executable, "-m", "benchmarks.gradcache", "--tiny"], cwd=REPO_ROOT,
                        capture_output=True, text=True, timeout=1200, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
