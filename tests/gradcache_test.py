@@ -253,3 +253,22 @@ def test_train_step_refuses_a_batch_that_does_not_split():
     step(state, _batch(6))
   with pytest.raises(train.ConfigError, match="accum_steps=0: use a positive integer"):
     train.make_train_step(setup, mesh, accum_steps=0)
+
+
+def test_train_step_for_follows_config_accum_steps():
+  """The step the trainer and the AOT tool build (`train.train_step_for`) caches when the config
+  says so: at batch 32, accum_steps 4 compiles to a program with fewer temporaries than 1."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
+  temps = {}
+  for k in (1, 4):
+    c = _config("meanP", 32, {"data": 1, "fsdp": 1})
+    c.accum_steps = k
+    train.validate_config(c)
+    state, setup = train.abstract_train_state(c, mesh, total_steps=10, model_fn=_model_fn)
+    batch = {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+             for n, v in _batch(32).items()}
+    compiled = train.train_step_for(c, setup, mesh).lower(state, batch).compile()
+    temps[k] = compiled.memory_analysis().temp_size_in_bytes
+    # Gradient caching's two micro-batch loops are scans: while loops in the compiled program.
+    assert ("while" in compiled.as_text()) == (k > 1), k
+  assert temps[4] < 0.7 * temps[1], temps

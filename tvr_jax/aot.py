@@ -513,12 +513,13 @@ def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None) ->
   batch_size = batch_size or config.batch_size
   sharding.check_batch_size(batch_size, mesh)
   state, setup = train.abstract_train_state(config, mesh, total_steps=1000)
-  step = train.make_train_step(setup, mesh, nan_policy=config.nan_policy,
-                               clamp_logit_scale=config.optimizer.clamp_logit_scale)
+  step = train.train_step_for(config, setup, mesh)
   t0 = time.perf_counter()
   lowered = step.lower(state, abstract_batch(config, mesh, batch_size))
   compiled = _compile(lowered)
-  report = analyse(f"train step (global batch {batch_size})", lowered, compiled, mesh.size,
+  accum = (f", accum_steps {config.accum_steps}: micro-batches of "
+           f"{batch_size // config.accum_steps}" if config.accum_steps > 1 else "")
+  report = analyse(f"train step (global batch {batch_size}{accum})", lowered, compiled, mesh.size,
                    time.perf_counter() - t0, config.dtype)
   shapes = param_shapes_with_shards(state["params"])
   embed_dim = state["params"]["clip"]["text_projection"].shape[-1]

@@ -221,6 +221,18 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def train_step_for(config: Any, setup: TrainSetup, mesh: jax.sharding.Mesh
+                   ) -> Callable[[State, dict], tuple[State, dict]]:
+  """The update step `config` asks for (NaN policy, logit-scale clamp, gradient caching).
+
+  The trainer and the ahead-of-time compiler (`tvr_jax.aot`) both build their step here, so what
+  is compiled for an accelerator is what trains.
+  """
+  return make_train_step(setup, mesh, nan_policy=config.nan_policy,
+                         clamp_logit_scale=config.optimizer.clamp_logit_scale,
+                         accum_steps=config.accum_steps)
+
+
 def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: str = "stop",
                     clamp_logit_scale: bool = True,
                     accum_steps: int = 1) -> Callable[[State, dict], tuple[State, dict]]:
@@ -628,9 +640,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return metrics
 
   # ---- update step -------------------------------------------------------------------------------
-  train_step = make_train_step(setup, mesh, nan_policy=config.nan_policy,
-                               clamp_logit_scale=config.optimizer.clamp_logit_scale,
-                               accum_steps=config.accum_steps)
+  train_step = train_step_for(config, setup, mesh)
 
   # ---- loop --------------------------------------------------------------------------------------
   step = int(jax.device_get(state["step"]))
