@@ -529,7 +529,7 @@ def _compile(lowered: Any, gpu: bool = False) -> tuple[Any, str | None]:
           "xla_dump_to": folder, "xla_dump_hlo_as_text": True, "xla_gpu_dump_llvmir": False})
       dumps = glob.glob(os.path.join(folder, "*" + _PARTITIONED_DUMP_SUFFIX))
       text = None
-      if len(dumps) == 1:     # none on one device (nothing to partition): analyse falls back
+      if len(dumps) == 1:     # else (another XLA's dump layout) analyse falls back
         with open(dumps[0]) as f:
           text = f.read()
       return compiled, text
@@ -570,8 +570,13 @@ def abstract_batch(config: Any, mesh: Any, batch_size: int, *, train: bool = Tru
   return batch
 
 
-def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None) -> ProgramReport:
-  """Compiles the trainer's own step for `mesh`'s devices; DoesNotFit if the compiler refuses."""
+def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None, *,
+                       gpu_flops: bool = True) -> ProgramReport:
+  """Compiles the trainer's own step for `mesh`'s devices; DoesNotFit if the compiler refuses.
+
+  `gpu_flops=False` skips the XLA dump a GPU target's per-device FLOP count comes from (a
+  batch search needs only memory); its FLOPs are then the lowered module's over the devices.
+  """
   from tvr_jax import sharding
   from tvr_jax import train
   batch_size = batch_size or config.batch_size
@@ -583,7 +588,7 @@ def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None) ->
                                accum_steps=config.accum_steps)
   t0 = time.perf_counter()
   lowered = step.lower(state, abstract_batch(config, mesh, batch_size))
-  compiled, partitioned = _compile(lowered, _is_gpu(mesh.devices.flat[0]))
+  compiled, partitioned = _compile(lowered, gpu_flops and _is_gpu(mesh.devices.flat[0]))
   report = analyse(f"train step (global batch {batch_size})", lowered, compiled, mesh.size,
                    time.perf_counter() - t0, config.dtype, partitioned)
   shapes = param_shapes_with_shards(state["params"])
@@ -756,7 +761,7 @@ def find_max_batch(config: Any, mesh: Any, target: Target, limit: int = 8192,
 
   def ok(b):
     try:
-      r = compile_train_step(config, mesh, b)
+      r = compile_train_step(config, mesh, b, gpu_flops=False)
     except DoesNotFit:
       say(f"    batch {b}: does not fit (compiler)")
       return False
