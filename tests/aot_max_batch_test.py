@@ -1,9 +1,10 @@
 """`--max_batch` (tvr_jax.aot.find_max_batch): the largest global batch whose train step fits.
 
 The search logic is checked against brute force with a stand-in compiler (cheap, every edge
-case); the real search is checked by compiling the tiny step for a GPU and a TPU target whose
-device memory is shrunk so the answer is a few units, then compiling the answer B and B + unit
-independently of the search; and the command line prints the four searches.
+case, the TPU compiler's refusal included); the real search by compiling the tiny step for a GPU
+target whose device memory is shrunk so that the answer is 2 or 3, then compiling the answer B
+and B + 1 independently of the search; and the command line prints the four searches. The
+compiles run in children with the AOT extras (aot_test.py).
 """
 
 import types
