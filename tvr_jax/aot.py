@@ -11,8 +11,11 @@ and one block of the chunked scorer (`tvr_jax.scoring.ChunkedScorer.lower`). For
 per device, the compiled program's memory (arguments, outputs, temporaries, peak) against the
 device's memory, its FLOPs, and its collectives by kind with their bytes, and an ESTIMATE of the
 step time and MFU (FLOPs over peak, bytes over memory bandwidth, collective bytes over the
-interconnect; the largest of the three bounds the step). The last line is the verdict, `fits: ...`
-or `does not fit: ...`; exit status 0 fits, 1 does not fit, 2 usage or environment error.
+interconnect; the largest of the three bounds the step). FLOPs come from the TPU compiler's cost
+analysis; XLA:GPU has none without a device, so for GPU targets they come from the host's HLO cost
+analysis of the per-device module XLA:GPU partitioned (`analyse`). The last line is the verdict,
+`fits: ...` or `does not fit: ...`; exit status 0 fits, 1 does not fit, 2 usage or environment
+error.
 
 Targets (`--target`): a TPU topology as JAX spells it (`v5e:2x2`, `v4:2x2x1`, `v5p:2x2x1`,
 `v6e:2x4`, ...; `--num_slices` for several slices), or a GPU server `NxMODEL` (`1xH100`, `8xH100`,
@@ -30,10 +33,12 @@ every `jax.devices()` probe for a TPU). This command re-executes itself with the
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -388,9 +393,9 @@ class ProgramReport:
   alias_bytes: int
   temp_bytes: int
   code_bytes: int
-  flops: float | None        # per device; None where XLA gives no count (GPU without a device)
+  flops: float | None        # per device; None where no cost analysis gave a count
   bytes_accessed: float      # per device
-  flops_source: str          # "compiled" or "lowered/N" (GPU compiled programs have no cost)
+  flops_source: str          # FLOPS_COMPILED, FLOPS_PARTITIONED or "host-lowered/N"
   collectives: list[Collective]
   compile_seconds: float
   dtype: str = "float32"
@@ -404,27 +409,61 @@ class ProgramReport:
             self.code_bytes)
 
 
-def analyse(name: str, lowered: Any, compiled: Any, num_devices: int, compile_seconds: float,
-            dtype: str = "float32") -> ProgramReport:
-  """ProgramReport of a compiled program (memory_analysis, cost_analysis, HLO collectives)."""
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
+# Where a ProgramReport's FLOPs and bytes come from (docs/aot.md "FLOPs of GPU targets").
+FLOPS_COMPILED = "compiled"              # the target compiler's own cost analysis (TPU)
+FLOPS_PARTITIONED = "host-partitioned"   # the per-device module XLA:GPU partitioned, costed on host
+
+
+def host_cost_analysis(hlo_module: Any) -> dict[str, float]:
+  """XLA's HLO cost analysis of `hlo_module` (any backend's HLO) run by the host CPU client.
+
+  The analysis counts each instruction by its shapes (2 x M x N x K for a dot), so it holds for
+  a module that was lowered or partitioned for another backend.
+  """
+  from jax._src.lib import _jax    # JAX has no public entry taking an HloModule
+  from jax.extend import backend
+  cost = _jax.hlo_module_cost_analysis(backend.get_backend("cpu"), hlo_module)
+  return {k: float(v) for k, v in cost.items() if isinstance(v, (int, float))}
+
+
+def hlo_module_from_text(text: str) -> Any:
+  """Parses HLO text (an XLA dump) into an HloModule."""
+  from jaxlib import _hlo          # private too: the parser JAX itself uses
+  return _hlo.hlo_module_from_text(text)
+
+
+def _first_cost(cost: Any) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  source = "compiled"
-  if not cost or not cost.get("flops"):
-    # XLA:GPU gives no cost analysis without a device (compiled or lowered: both None); then
-    # FLOPs and bytes are unknown and no time is estimated.
-    cost = lowered.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    cost = {k: v / num_devices for k, v in cost.items() if isinstance(v, (int, float))}
-    source = f"lowered/{num_devices}" if cost.get("flops") else "unavailable"
+  return dict(cost or {})
+
+
+def analyse(name: str, lowered: Any, compiled: Any, num_devices: int, compile_seconds: float,
+            dtype: str = "float32", partitioned_hlo: str | None = None) -> ProgramReport:
+  """ProgramReport of a compiled program (memory_analysis, cost analysis, HLO collectives).
+
+  FLOPs and bytes accessed come from the first source that has them: the compiled program's
+  cost analysis (TPU); the host's cost analysis of `partitioned_hlo`, the per-device module
+  after XLA:GPU's SPMD partitioner (`_compile` keeps it for GPU targets, whose compiled and
+  lowered programs have no cost analysis without a device); else the host's cost analysis of
+  the lowered, unpartitioned module divided by `num_devices` (exact on one device; on several it
+  counts replicated work once, so it undercounts a device's share).
+  """
+  mem = compiled.memory_analysis()
+  cost, source = _first_cost(compiled.cost_analysis()), FLOPS_COMPILED
+  if not cost.get("flops") and partitioned_hlo is not None:
+    cost, source = host_cost_analysis(hlo_module_from_text(partitioned_hlo)), FLOPS_PARTITIONED
+  if not cost.get("flops"):
+    cost = host_cost_analysis(lowered.compiler_ir("hlo").as_hlo_module())
+    cost = {k: v / num_devices for k, v in cost.items()}
+    source = f"host-lowered/{num_devices}"
+  flops = float(cost["flops"]) if cost.get("flops") else None
   return ProgramReport(
       name=name, argument_bytes=int(mem.argument_size_in_bytes),
       output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
-      flops=float(cost["flops"]) if cost.get("flops") else None,
-      bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      flops_source=source, collectives=parse_collectives(compiled.as_text()),
+      flops=flops, bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+      flops_source=source if flops else "unavailable",
+      collectives=parse_collectives(compiled.as_text()),
       compile_seconds=compile_seconds, dtype=dtype)
 
 
@@ -448,7 +487,7 @@ class Estimate:
 def estimate(report: ProgramReport, device: DeviceSpec) -> Estimate | None:
   """FLOPs over peak, bytes accessed over HBM bandwidth, collective bytes over the link.
 
-  None when the program has no FLOP count (XLA:GPU compiled without a device).
+  None when the program has no FLOP count.
   """
   if report.flops is None:
     return None
@@ -465,10 +504,35 @@ class DoesNotFit(Exception):
   """The compiler refused the program for lack of device memory (TPU: RESOURCE_EXHAUSTED)."""
 
 
-def _compile(lowered):
+# XLA:GPU dumps the module its SPMD partitioner made (one device's program, before fusion and
+# GEMM rewriting) under this name when `xla_dump_to` is set.
+_PARTITIONED_DUMP_SUFFIX = ".after_spmd_partitioner.txt"
+
+
+def _is_gpu(device: Any) -> bool:
+  return device.platform in ("gpu", "cuda", "rocm")
+
+
+def _compile(lowered: Any, gpu: bool = False) -> tuple[Any, str | None]:
+  """Compiles `lowered`: (compiled, the partitioned per-device HLO text for GPU, else None).
+
+  For GPU targets the compile dumps into a temporary folder, from which only the partitioned
+  module is kept (for `analyse`: XLA:GPU has no cost analysis without a device). Raises
+  DoesNotFit when the compiler refuses the program for lack of memory.
+  """
   import jax
   try:
-    return lowered.compile()
+    if not gpu:
+      return lowered.compile(), None
+    with tempfile.TemporaryDirectory(prefix="tvr_jax_aot_") as folder:
+      compiled = lowered.compile(compiler_options={
+          "xla_dump_to": folder, "xla_dump_hlo_as_text": True, "xla_gpu_dump_llvmir": False})
+      dumps = glob.glob(os.path.join(folder, "*" + _PARTITIONED_DUMP_SUFFIX))
+      text = None
+      if len(dumps) == 1:     # else (another XLA's dump layout) analyse falls back
+        with open(dumps[0]) as f:
+          text = f.read()
+      return compiled, text
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" in str(e):
       raise DoesNotFit(str(e).splitlines()[0]) from e
@@ -506,8 +570,13 @@ def abstract_batch(config: Any, mesh: Any, batch_size: int, *, train: bool = Tru
   return batch
 
 
-def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None) -> ProgramReport:
-  """Compiles the trainer's own step for `mesh`'s devices; DoesNotFit if the compiler refuses."""
+def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None, *,
+                       gpu_flops: bool = True) -> ProgramReport:
+  """Compiles the trainer's own step for `mesh`'s devices; DoesNotFit if the compiler refuses.
+
+  `gpu_flops=False` skips the XLA dump a GPU target's per-device FLOP count comes from (a
+  batch search needs only memory); its FLOPs are then the lowered module's over the devices.
+  """
   from tvr_jax import sharding
   from tvr_jax import train
   batch_size = batch_size or config.batch_size
@@ -516,11 +585,11 @@ def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None) ->
   step = train.train_step_for(config, setup, mesh)
   t0 = time.perf_counter()
   lowered = step.lower(state, abstract_batch(config, mesh, batch_size))
-  compiled = _compile(lowered)
+  compiled, partitioned = _compile(lowered, gpu_flops and _is_gpu(mesh.devices.flat[0]))
   accum = (f", accum_steps {config.accum_steps}: micro-batches of "
            f"{batch_size // config.accum_steps}" if config.accum_steps > 1 else "")
   report = analyse(f"train step (global batch {batch_size}{accum})", lowered, compiled, mesh.size,
-                   time.perf_counter() - t0, config.dtype)
+                   time.perf_counter() - t0, config.dtype, partitioned)
   shapes = param_shapes_with_shards(state["params"])
   embed_dim = state["params"]["clip"]["text_projection"].shape[-1]
   features = feature_shapes(batch_size, config.max_words, config.num_frames, embed_dim)
@@ -547,9 +616,9 @@ def compile_encoders(config: Any, mesh: Any) -> list[ProgramReport]:
        (state["params"], rest, batch["text_ids"]))):
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
-    compiled = _compile(lowered)
+    compiled, partitioned = _compile(lowered, _is_gpu(mesh.devices.flat[0]))
     reports.append(analyse(name, lowered, compiled, mesh.size, time.perf_counter() - t0,
-                           config.dtype))
+                           config.dtype, partitioned))
   return reports
 
 
@@ -577,9 +646,9 @@ def compile_scorer(config: Any, device: Any, num_videos: int = 1000,
                                  show_progress=False)
   t0 = time.perf_counter()
   lowered = scorer.lower(ct, cv, words, tokens, sharding=jax.sharding.SingleDeviceSharding(device))
-  compiled = _compile(lowered)
+  compiled, partitioned = _compile(lowered, _is_gpu(device))
   return analyse(f"score block ({ct} captions x {cv} videos)", lowered, compiled, 1,
-                 time.perf_counter() - t0, "float32")
+                 time.perf_counter() - t0, "float32", partitioned)
 
 
 def fits(report: ProgramReport, device: DeviceSpec) -> bool:
@@ -609,7 +678,7 @@ def format_report(report: ProgramReport, target: Target, *, details: bool = Fals
       (f"  FLOPs per device: {report.flops / 1e12:.3f} TFLOP ({report.flops_source} cost "
        f"analysis), bytes accessed {report.bytes_accessed / GIB:.2f} GiB"
        if report.flops is not None else
-       "  FLOPs per device: not available (XLA:GPU has no cost analysis without a device)")]
+       "  FLOPs per device: not available (no cost analysis gave a count)")]
   summary = collective_summary(report.collectives)
   parts = [f"{k} {n} ({b / 2 ** 20:.1f} MiB)" for k, (n, b) in summary.items() if n]
   lines.append(f"  collectives per device: {', '.join(parts) if parts else 'none'}")
@@ -668,18 +737,30 @@ def _with(config: Any, **changes) -> Any:
   return c
 
 
+def batch_unit(config: Any, mesh: Any) -> int:
+  """The step a global batch comes in: the data-parallel shards x `config.accum_steps` (each
+  micro-batch of gradient caching is split over every shard)."""
+  from tvr_jax import sharding
+  return sharding.data_parallel_size(mesh) * config.accum_steps
+
+
 def find_max_batch(config: Any, mesh: Any, target: Target, limit: int = 8192,
                    say=print) -> int:
-  """Largest global batch (a multiple of the data shards) whose train step fits; 0 if none.
+  """Largest global batch B <= `limit`, a multiple of `batch_unit`, whose train step fits.
 
-  Doubles until a compile does not fit, then bisects: about 2 log2(B) compiles.
+  Returns 0 when one unit does not fit. Doubles from one unit until a compile does not fit (or
+  passes `limit`), then bisects between the last fitting and the first failing batch: about
+  2 log2(B / unit) compiles. Assumes that memory grows with the batch. When B + unit > `limit`,
+  larger batches were not tried.
   """
-  from tvr_jax import sharding
-  unit = sharding.data_parallel_size(mesh)
+  unit = batch_unit(config, mesh)
+  if limit < unit:
+    raise ValueError(f"find_max_batch: limit={limit} is below one batch unit ({unit}: the "
+                     f"data-parallel shards x config.accum_steps)")
 
   def ok(b):
     try:
-      r = compile_train_step(config, mesh, b)
+      r = compile_train_step(config, mesh, b, gpu_flops=False)
     except DoesNotFit:
       say(f"    batch {b}: does not fit (compiler)")
       return False
@@ -687,31 +768,36 @@ def find_max_batch(config: Any, mesh: Any, target: Target, limit: int = 8192,
     say(f"    batch {b}: peak {_gib(r.peak_bytes)} GiB, {'fits' if good else 'does not fit'} "
         f"({r.compile_seconds:.0f} s)")
     return good
+  # Invariant: lo fits (0: nothing known to fit); hi does not fit, or is past the limit.
   lo, hi = 0, unit
   while hi <= limit and ok(hi):
     lo, hi = hi, hi * 2
   if lo == 0:
     return 0
-  hi = min(hi, limit + unit)
+  hi = min(hi, limit // unit * unit + unit)
   while hi - lo > unit:
-    mid = (lo + hi) // 2 // unit * unit
-    if mid in (lo, hi):
-      break
+    mid = (lo + hi) // 2 // unit * unit     # a multiple of unit strictly between lo and hi
     lo, hi = (mid, hi) if ok(mid) else (lo, mid)
   return lo
 
 
 def run(config: Any, target: Target, *, programs: Sequence[str] = ("train", "eval", "score"),
-        max_batch: bool = False, details: bool = False, say=print
-        ) -> tuple[int, list[ProgramReport]]:
+        max_batch: bool = False, max_batch_limit: int = 8192, details: bool = False,
+        say=print) -> tuple[int, list[ProgramReport]]:
   """Compiles `programs` for `target`, prints the report and the verdict.
 
-  Returns (exit status, the ProgramReports): EXIT_FITS or EXIT_DOES_NOT_FIT.
+  Returns (exit status, the ProgramReports): EXIT_FITS or EXIT_DOES_NOT_FIT. `max_batch` adds
+  the `find_max_batch` search (batches up to `max_batch_limit`) for float32 / bfloat16 x remat
+  off / on.
   """
   for note in prepare_config(config):
     say(f"note: {note}")
   devices = target_devices(target)
   mesh = _make_mesh(config, devices)
+  if max_batch and max_batch_limit < batch_unit(config, mesh):
+    raise UsageError(f"--max_batch_limit={max_batch_limit}: below one batch unit "
+                     f"({batch_unit(config, mesh)}: the data-parallel shards x "
+                     f"config.accum_steps)")
   say(_target_line(target, mesh))
   say(f"recipe: {config.dataset}, CLIP {config.init_from or config.clip_preset}, global batch "
       f"{config.batch_size} x {config.num_frames} frames x {config.image_size} px, "
@@ -739,8 +825,10 @@ def run(config: Any, target: Target, *, programs: Sequence[str] = ("train", "eva
     for dtype in ("float32", "bfloat16"):
       for remat in (False, True):
         c = _with(config, dtype=dtype, remat=remat)
-        best = find_max_batch(c, mesh, target, say=say)
-        say(f"  {dtype}, remat {'on' if remat else 'off'}: largest batch {best}")
+        best = find_max_batch(c, mesh, target, limit=max_batch_limit, say=say)
+        capped = " (the search limit; larger not tried)" if best and \
+            best + batch_unit(c, mesh) > max_batch_limit else ""
+        say(f"  {dtype}, remat {'on' if remat else 'off'}: largest batch {best}{capped}")
   train_reports = [r for r in reports if r.name.startswith("train")]
   if problems:
     say("does not fit: " + "; ".join(problems) + f" [{target.name}]")
@@ -787,6 +875,8 @@ def _child_main(argv: list[str]) -> int:
                            "Programs to compile: train, eval, score.", flag_values=fl)
   max_batch = flags.DEFINE_bool("max_batch", False, "Also find the largest global batch that fits "
                                 "(float32/bfloat16 x remat off/on).", flag_values=fl)
+  max_batch_limit = flags.DEFINE_integer("max_batch_limit", 8192, "--max_batch tries no global "
+                                         "batch above this.", flag_values=fl)
   details = flags.DEFINE_bool("collectives", False, "List every collective (role, bytes, shape, "
                               "the JAX op that made it).",
                               flag_values=fl)
@@ -805,7 +895,7 @@ def _child_main(argv: list[str]) -> int:
     config = config_flag.value
     train.validate_config(config)
     return run(config, tgt, programs=what.value, max_batch=max_batch.value,
-               details=details.value)[0]
+               max_batch_limit=max_batch_limit.value, details=details.value)[0]
   except (UsageError, flags.Error, train.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
