@@ -231,6 +231,7 @@ _INSTR_RE = re.compile(
     r"^\s*(?:ROOT\s+)?%?(\S+)\s*=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
     r"collective-permute)(-start)?\((.*)$")
 _OP_NAME_RE = re.compile(r'op_name="([^"]*)"')
+_CHANNEL_RE = re.compile(r"\bchannel_id=(\d+)")
 _FUSED_RS_RE = re.compile(r"^\s*(?:ROOT\s+)?%?(\S+)\s*=\s*(.+?)\s+fusion\((.*)calls=%?[\w.-]*"
                           r"(?:all-reduce-scatter|reduce-scatter)[\w.-]*")
 
@@ -243,6 +244,8 @@ class Collective:
   bytes: int            # the larger of its operands and results, per device
   shapes: str           # its result type as printed
   op_name: str          # JAX-level name from the metadata (which jitted op produced it)
+  copies: int = 1       # instructions carrying it: libtpu clones one collective (same channel_id)
+                        # into each fusion that reads it; it is one collective, counted once
 
 
 def _shape_bytes(text: str) -> int:
@@ -269,10 +272,14 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
   """Collectives of an optimised HLO module (`compiled.as_text()`), in program order.
 
   Async pairs count once (the `-start`); a TPU reduce-scatter that the compiler fused (a `fusion`
-  calling `all-reduce-scatter`) counts as a reduce-scatter. Bytes are per device: the larger of
-  what goes in and what comes out.
+  calling `all-reduce-scatter`) counts as a reduce-scatter. Instructions of one kind that share a
+  `channel_id` are one collective (libtpu clones a gather into every fusion that reads it: the
+  ViT-B/32 step's 5 feature gathers appear as 204 all-gather instructions): the first stands for
+  all, with `copies` = how many. Bytes are per device: the larger of what goes in and what comes
+  out, once per collective.
   """
-  out = []
+  out: list[Collective] = []
+  seen: dict[tuple[str, str], int] = {}
   for line in hlo_text.splitlines():
     m = _INSTR_RE.match(line)
     if m:
@@ -293,6 +300,14 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
       name, result, rest = m.groups()
       kind, nbytes = "reduce-scatter", max(_shape_bytes(result), _shape_bytes(
           _first_paren_group(rest)))
+    channel = _CHANNEL_RE.search(line)
+    key = (kind, channel.group(1)) if channel else None
+    if key in seen:
+      first = out[seen[key]]
+      out[seen[key]] = dataclasses.replace(first, copies=first.copies + 1)
+      continue
+    if key is not None:
+      seen[key] = len(out)
     op = _OP_NAME_RE.search(line)
     out.append(Collective(kind, name, int(nbytes), result.strip(), op.group(1) if op else ""))
   return out
@@ -681,7 +696,10 @@ def format_report(report: ProgramReport, target: Target, *, details: bool = Fals
        "  FLOPs per device: not available (no cost analysis gave a count)")]
   summary = collective_summary(report.collectives)
   parts = [f"{k} {n} ({b / 2 ** 20:.1f} MiB)" for k, (n, b) in summary.items() if n]
-  lines.append(f"  collectives per device: {', '.join(parts) if parts else 'none'}")
+  clones = sum(c.copies for c in report.collectives) - len(report.collectives)
+  note = (f" [+{clones} cloned instructions: the compiler copied some collectives into each "
+          f"fusion that reads them; counted once]" if clones else "")
+  lines.append(f"  collectives per device: {', '.join(parts) if parts else 'none'}{note}")
   if report.roles:
     roles: dict[str, list[int]] = {}
     for c, role in zip(report.collectives, report.roles):
@@ -704,8 +722,9 @@ def format_report(report: ProgramReport, target: Target, *, details: bool = Fals
   if details:
     roles = report.roles or [""] * len(report.collectives)
     for c, role in zip(report.collectives, roles):
+      copies = f" x{c.copies}" if c.copies > 1 else ""
       lines.append(f"    {c.kind:18s} {role:18s} {c.bytes / 2 ** 20:9.2f} MiB  {c.shapes[:56]:56s} "
-                   f"{c.op_name[-90:]}")
+                   f"{c.op_name[-90:]}{copies}")
   return lines
 
 
