@@ -44,6 +44,8 @@ def test_evaluate_tiny_prints_summary():
   summary = [line for line in out.splitlines() if line.startswith("summary: ")]
   assert len(summary) == 1, out
   assert "extrapolated from 4" in out  # 4 of 50 videos encoded, scaled up
+  # --tiny simulates 2 devices: the total is also given with the scorer sharded over them.
+  assert "with the scorer sharded over 2 devices" in summary[0], summary
 
 
 def test_tower_flops_matches_layer_by_layer_count():
