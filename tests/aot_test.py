@@ -287,3 +287,17 @@ def test_cli_reports_a_program_that_cannot_fit(target):
   lines = proc.stdout.strip().splitlines()
   assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert lines[-1].startswith("does not fit:") and target in lines[-1]
+
+
+def test_gradient_caching_flops_count_every_micro_batch():
+  """XLA counts a loop body once; the report scales the cached step by an unrolled count, so it
+  comes out near 4/3 of the plain step's (one extra tower forward), not 1/k of it."""
+  import jax
+  from tvr_jax import sharding
+  scope: dict = {}
+  exec(textwrap.dedent(TINY), scope)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  plain = aot.compile_train_step(scope["tiny"](mesh_data=1, mesh_fsdp=1), mesh)
+  cached = aot.compile_train_step(scope["tiny"](mesh_data=1, mesh_fsdp=1, accum_steps=4), mesh)
+  assert "for the 4 micro-batches" in cached.flops_source and "accum_steps 4" in cached.name, cached
+  assert 1.1 < cached.flops / plain.flops < 1.6, (cached.flops, plain.flops)

@@ -97,7 +97,7 @@ def _split_features(features: Features) -> tuple[Features, Features]:
 def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Batch,
                    accum_steps: int, *, mesh: Mesh | None = None,
                    param_shardings: PyTree | None = None,
-                   loss_kwargs: dict[str, Any] | None = None
+                   loss_kwargs: dict[str, Any] | None = None, unroll: bool = False
                    ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], PyTree]:
   """`jax.value_and_grad(lambda p: model_of(p).loss(batch), has_aux=True)(params)` in micro-batches.
 
@@ -113,6 +113,8 @@ def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Bat
     param_shardings: when given (a tree like `params` of shardings), the gradient accumulator is
       kept in them (FSDP: each device holds its shards of the sum only).
     loss_kwargs: keyword arguments of `loss_from_features` (e.g. `health=True`).
+    unroll: unroll both micro-batch loops (the same values; XLA's cost analysis counts a loop body
+      once, so the AOT tool lowers an unrolled copy to count the step's FLOPs).
 
   Returns:
     ((total, terms), grads), as `jax.value_and_grad(..., has_aux=True)`.
@@ -136,7 +138,8 @@ def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Bat
 
   # 1. Features of every micro-batch, nothing kept for a backward pass.
   frozen = jax.lax.stop_gradient(params)
-  _, stacked = jax.lax.scan(lambda c, mb: (c, encode(frozen, mb)), None, micro)
+  loops = accum_steps if unroll else 1
+  _, stacked = jax.lax.scan(lambda c, mb: (c, encode(frozen, mb)), None, micro, unroll=loops)
   features = merge_microbatches(stacked, mesh)
 
   # 2. The head once on the global batch: value, head-parameter gradients, feature gradients.
@@ -157,5 +160,6 @@ def value_and_grad(model_of: Callable[[PyTree], Any], params: PyTree, batch: Bat
     (g,) = vjp(ct)
     return constrain_grads(jax.tree.map(jnp.add, acc, g)), None
 
-  grads, _ = jax.lax.scan(pull_back, constrain_grads(head_grads), (micro, cotangents))
+  grads, _ = jax.lax.scan(pull_back, constrain_grads(head_grads), (micro, cotangents),
+                          unroll=loops)
   return (total, terms), grads

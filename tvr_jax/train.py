@@ -221,21 +221,23 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step_for(config: Any, setup: TrainSetup, mesh: jax.sharding.Mesh
+def train_step_for(config: Any, setup: TrainSetup, mesh: jax.sharding.Mesh, *,
+                   unroll_microbatches: bool = False
                    ) -> Callable[[State, dict], tuple[State, dict]]:
   """The update step `config` asks for (NaN policy, logit-scale clamp, gradient caching).
 
   The trainer and the ahead-of-time compiler (`tvr_jax.aot`) both build their step here, so what
-  is compiled for an accelerator is what trains.
+  is compiled for an accelerator is what trains (`unroll_microbatches`: see `make_train_step`).
   """
   return make_train_step(setup, mesh, nan_policy=config.nan_policy,
                          clamp_logit_scale=config.optimizer.clamp_logit_scale,
-                         accum_steps=config.accum_steps)
+                         accum_steps=config.accum_steps, unroll_microbatches=unroll_microbatches)
 
 
 def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: str = "stop",
                     clamp_logit_scale: bool = True,
-                    accum_steps: int = 1) -> Callable[[State, dict], tuple[State, dict]]:
+                    accum_steps: int = 1, unroll_microbatches: bool = False
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
   """The jitted update: loss and gradients on the global batch, optimizer, finiteness bookkeeping.
 
   The batch arrays are global `jax.Array`s sharded over the mesh's data axes; the model computes the
@@ -246,6 +248,10 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
   (`tvr_jax.gradcache`): the towers run on k micro-batches of B/k (twice: features, then their
   gradients), the head once on the whole batch; one optimizer step. B must be a multiple of
   k x the data-parallel shards (ConfigError when the step is first traced).
+
+  `unroll_microbatches` unrolls the two micro-batch loops (the same values, one HLO copy of the
+  towers per micro-batch): only for counting FLOPs, since XLA's cost analysis counts a loop body
+  once (`tvr_jax.aot`).
 
   With `nan_policy="skip"` a step whose loss or gradients are not finite leaves parameters and
   optimizer state unchanged (the step counter still advances); with "stop" the update is applied
@@ -279,7 +285,8 @@ def make_train_step(setup: TrainSetup, mesh: jax.sharding.Mesh, *, nan_policy: s
         raise ConfigError(f"config.accum_steps={accum_steps}: {e}") from e
       (loss, terms), grads = gradcache.value_and_grad(
           lambda p: _merge(graphdef, p, rest), state["params"], batch, accum_steps, mesh=mesh,
-          param_shardings=setup.shardings["params"], loss_kwargs={"health": True})
+          param_shardings=setup.shardings["params"], loss_kwargs={"health": True},
+          unroll=unroll_microbatches)
     saturated = terms.pop(losses.SATURATION_KEY)   # a health indicator, not a loss term
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
