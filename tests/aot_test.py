@@ -141,6 +141,9 @@ def test_classify_roles():
   roles = [aot.classify(c, features, params) for c in cs]
   assert roles == [aot.FEATURE_GATHER, aot.PARAMETER_GATHER, aot.GRADIENT_REDUCTION,
                    aot.SCALAR_REDUCTION, aot.GRADIENT_REDUCTION, aot.UNEXPECTED]
+  # XLA:GPU's combined gradients: one flat buffer of (up to) the parameters' total size.
+  flat = aot.Collective("all-reduce", "g", 4 * 16640, "f32[16640]{0}", "")
+  assert aot.classify(flat, features, params) == aot.GRADIENT_REDUCTION
   # A gather that is neither a batch feature nor a weight is flagged.
   odd = aot.Collective("all-gather", "x", 4, "f32[3,5]{1,0}", "")
   assert aot.classify(odd, features, params) == aot.UNEXPECTED
@@ -268,12 +271,11 @@ def test_gpu_4xh100_data_parallel_fits_memory_and_collectives():
   out = _compile_tiny("4xH100", 4, 1)
   _check_fits_and_memory(out, "4xH100")
   # XLA:GPU combines the 5 feature gathers into one all-gather and the gradients into one
-  # all-reduce. (The classifier does not yet read the GPU's combined all-reduce as a gradient
-  # reduction: its shapes are checked by count and kind here instead.)
+  # all-reduce of a flat buffer.
   counts = {k: v[0] for k, v in out["summary"].items()}
   assert counts == {"all-gather": 1, "all-reduce": 1, "reduce-scatter": 0, "all-to-all": 0,
                     "collective-permute": 0}, counts
-  assert aot.FEATURE_GATHER in out["roles"]
+  assert sorted(out["roles"]) == [aot.FEATURE_GATHER, aot.GRADIENT_REDUCTION], out["roles"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -382,6 +382,11 @@ def classify(collective: Collective, features: Sequence[tuple[int, ...]],
     # Combined reductions carry the metadata of one of their parts, so the op name is no guide.
     if 2 * in_params >= total:
       return GRADIENT_REDUCTION
+    # XLA:GPU's combiner concatenates gradients into flat 1-D buffers (the tiny step's whole
+    # gradient is one f32[3382016]); no other 1-D array of up to the parameters' size is reduced.
+    if len(dims) == 1 and len(dims[0]) == 1 and dims[0][0] <= sum(math.prod(d) for d in
+                                                                   param_shapes):
+      return GRADIENT_REDUCTION
     if all(len(d) == 2 for d in dims):
       return CLASS_TOKEN     # partial sums of the class-token rows' matmuls (contraction over fsdp)
   return UNEXPECTED
