@@ -420,6 +420,7 @@ class ProgramReport:
   compile_seconds: float
   dtype: str = "float32"
   bytes_source: str = ""     # where bytes_accessed comes from when not flops_source (GPU: fused)
+  flops_note: str = ""       # a correction applied to the count (gradient caching's loops)
   # train step: classify() per collective
   roles: list[str] = dataclasses.field(default_factory=list)
 
@@ -636,7 +637,7 @@ def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None, *,
     report.flops *= scale
     report.bytes_accessed *= unrolled_cost.get("bytes accessed", 1.0) / rolled_cost.get(
         "bytes accessed", 1.0)
-    report.flops_source += f", x{scale:.2f} for the {k} micro-batches (loops unrolled to count)"
+    report.flops_note = f"x{scale:.2f} for the {k} micro-batch loops, counted unrolled"
   shapes = param_shapes_with_shards(state["params"])
   embed_dim = state["params"]["clip"]["text_projection"].shape[-1]
   features = feature_shapes(batch_size, config.max_words, config.num_frames, embed_dim)
@@ -723,7 +724,8 @@ def format_report(report: ProgramReport, target: Target, *, details: bool = Fals
       f"{_gib(report.peak_bytes)} of {_gib(usable)} usable "
       f"({100 * report.peak_bytes / usable:.0f}%)",
       (f"  FLOPs per device: {report.flops / 1e12:.3f} TFLOP ({report.flops_source} cost "
-       f"analysis), bytes accessed {report.bytes_accessed / GIB:.2f} GiB"
+       f"analysis{'; ' + report.flops_note if report.flops_note else ''}), bytes accessed "
+       f"{report.bytes_accessed / GIB:.2f} GiB"
        + (f" ({report.bytes_source})" if report.bytes_source else "")
        if report.flops is not None else
        "  FLOPs per device: not available (no cost analysis gave a count)")]
