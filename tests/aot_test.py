@@ -1,6 +1,6 @@
 """Tests of tvr_jax.aot: compiling the real programs for absent TPUs and GPUs.
 
-Compiling needs the AOT extras (`bash tools/install_aot.sh`, which `.ci/run` runs). They stay out
+Compiling needs the AOT extras (`bash tools/install_aot.sh`, which `install.sh` runs). They stay out
 of this test process: every compile runs in a child started with `aot.compile_env()`, so the rest
 of the suite never loads libtpu. Tiny CLIP, batch 8, 4 frames of 32 px: each compile takes seconds
 on an idle CPU.
