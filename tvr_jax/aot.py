@@ -450,8 +450,8 @@ def host_cost_analysis(hlo_module: Any) -> dict[str, float]:
 
 def hlo_module_from_text(text: str) -> Any:
   """Parses HLO text (an XLA dump) into an HloModule."""
-  from jaxlib import _hlo          # private too: the parser JAX itself uses
-  return _hlo.hlo_module_from_text(text)
+  from jax._src.lib import hlo     # private too: the parser JAX itself uses (through jax, so
+  return hlo.hlo_module_from_text(text)   # jaxlib stays an indirect dependency)
 
 
 def _first_cost(cost: Any) -> dict:
