@@ -617,7 +617,8 @@ def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None, *,
   state, setup = train.abstract_train_state(config, mesh, total_steps=1000)
   step = train.train_step_for(config, setup, mesh)
   t0 = time.perf_counter()
-  lowered = step.lower(state, abstract_batch(config, mesh, batch_size))
+  batch = abstract_batch(config, mesh, batch_size)
+  lowered = step.lower(state, batch)
   compiled, partitioned = _compile(lowered, gpu_flops and _is_gpu(mesh.devices.flat[0]))
   accum = (f", accum_steps {config.accum_steps}: micro-batches of "
            f"{batch_size // config.accum_steps}" if config.accum_steps > 1 else "")
@@ -628,7 +629,6 @@ def compile_train_step(config: Any, mesh: Any, batch_size: int | None = None, *,
     # XLA's cost analysis counts a loop body once, so gradient caching's two micro-batch loops
     # count 1/k of their work. The same step with the loops unrolled is lowered (not compiled)
     # and both lowerings are costed on the host; their ratio scales the per-device count.
-    batch = abstract_batch(config, mesh, batch_size)
     unrolled = train.train_step_for(config, setup, mesh, unroll_microbatches=True).lower(
         state, batch)
     rolled_cost = host_cost_analysis(lowered.compiler_ir("hlo").as_hlo_module())
